@@ -1,0 +1,142 @@
+//! Strided tensor memory as the CPU core reads and writes it: the one module of the core that
+//! offsets and dereferences raw pointers.
+//!
+//! A [`Source`] or [`Sink`] is made from an ndarray view, so the memory is valid for the view's
+//! lifetime. Reads check the element offset against the view's extent. Writes cannot be checked
+//! that way for races, so they are `unsafe` with one contract: no two threads write one element.
+
+use ndarray::{ArrayViewD, ArrayViewMutD};
+use std::marker::PhantomData;
+
+/// The lowest and highest element offsets a shape and strides reach, or `None` if empty.
+pub(crate) fn extent(shape: &[usize], strides: &[isize]) -> Option<(isize, isize)> {
+    if shape.contains(&0) {
+        return None;
+    }
+    let (mut low, mut high) = (0isize, 0isize);
+    for (&len, &stride) in shape.iter().zip(strides) {
+        let reach = (len as isize - 1) * stride;
+        if reach < 0 {
+            low += reach;
+        } else {
+            high += reach;
+        }
+    }
+    Some((low, high))
+}
+
+/// Read access to the elements of a view, by element offset from its first element.
+pub(crate) struct Source<'a, T> {
+    ptr: *const T,
+    low: isize,
+    high: isize,
+    _borrow: PhantomData<&'a [T]>,
+}
+
+// SAFETY: a Source only reads `T: Sync` data that the borrowed view keeps alive and unchanged.
+unsafe impl<T: Sync> Send for Source<'_, T> {}
+// SAFETY: as above; shared reads from several threads are what `Sync` data allows.
+unsafe impl<T: Sync> Sync for Source<'_, T> {}
+
+impl<'a, T: Copy> Source<'a, T> {
+    /// Reads from `view`; returns it with its strides.
+    pub(crate) fn new(view: &ArrayViewD<'a, T>) -> (Source<'a, T>, Vec<isize>) {
+        let strides = view.strides().to_vec();
+        let (low, high) = extent(view.shape(), &strides).unwrap_or((0, -1));
+        let source = Source {
+            ptr: view.as_ptr(),
+            low,
+            high,
+            _borrow: PhantomData,
+        };
+        (source, strides)
+    }
+
+    /// The element at `offset`. Panics if the offset is outside the view.
+    #[inline(always)]
+    pub(crate) fn get(&self, offset: isize) -> T {
+        assert!(
+            self.low <= offset && offset <= self.high,
+            "read outside the tensor"
+        );
+        // SAFETY: the offset lies within the view's extent, which the view borrows for 'a.
+        unsafe { *self.ptr.offset(offset) }
+    }
+
+    /// `len` consecutive elements starting at `offset`. Panics if they leave the view.
+    #[inline(always)]
+    pub(crate) fn slice(&self, offset: isize, len: usize) -> &'a [T] {
+        if len == 0 {
+            return &[];
+        }
+        assert!(
+            self.low <= offset && offset + len as isize - 1 <= self.high,
+            "read outside the tensor"
+        );
+        // SAFETY: the whole run lies within the view's extent, borrowed for 'a, and nothing
+        // writes to a Source's memory while the borrow lasts.
+        unsafe { std::slice::from_raw_parts(self.ptr.offset(offset), len) }
+    }
+}
+
+/// Write access to the elements of a mutable view, by element offset from its first element.
+pub(crate) struct Sink<'a, T> {
+    ptr: *mut T,
+    low: isize,
+    high: isize,
+    _borrow: PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: a Sink hands out writes to disjoint elements only (the contract of `put` and
+// `slice_mut`), so moving it to or sharing it between threads cannot create a data race.
+unsafe impl<T: Send> Send for Sink<'_, T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for Sink<'_, T> {}
+
+impl<'a, T: Copy> Sink<'a, T> {
+    /// Writes into `view`, whose elements ndarray guarantees not to overlap; returns it with its
+    /// strides.
+    pub(crate) fn new(view: &mut ArrayViewMutD<'a, T>) -> (Sink<'a, T>, Vec<isize>) {
+        let strides = view.strides().to_vec();
+        let (low, high) = extent(view.shape(), &strides).unwrap_or((0, -1));
+        let sink = Sink {
+            ptr: view.as_mut_ptr(),
+            low,
+            high,
+            _borrow: PhantomData,
+        };
+        (sink, strides)
+    }
+
+    /// Writes `value` at `offset`. Panics if the offset is outside the view.
+    ///
+    /// # Safety
+    /// No other thread reads or writes the element at `offset` during the call.
+    #[inline(always)]
+    pub(crate) unsafe fn put(&self, offset: isize, value: T) {
+        assert!(
+            self.low <= offset && offset <= self.high,
+            "write outside the tensor"
+        );
+        // SAFETY: in bounds of the exclusively borrowed view; the caller rules out races.
+        unsafe { *self.ptr.offset(offset) = value }
+    }
+
+    /// `len` consecutive elements starting at `offset`, to write. Panics if they leave the view.
+    ///
+    /// # Safety
+    /// While the slice lives, no other reference to or write of those elements exists.
+    #[inline(always)]
+    pub(crate) unsafe fn slice_mut(&self, offset: isize, len: usize) -> &mut [T] {
+        if len == 0 {
+            return &mut [];
+        }
+        assert!(
+            self.low <= offset && offset + len as isize - 1 <= self.high,
+            "write outside the tensor"
+        );
+        // SAFETY: in bounds of the exclusively borrowed view; the caller guarantees the run is
+        // not aliased while the slice lives.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.offset(offset), len) }
+    }
+}
