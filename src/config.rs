@@ -45,12 +45,7 @@ pub struct Config {
 impl Config {
     /// The reference's defaults for `num_classes` classes: decay 0.99, no floor, on the CPU.
     pub fn new(num_classes: usize) -> Self {
-        Config {
-            num_classes,
-            ema_decay: 0.99,
-            min_prevalence: 0.0,
-            device: Device::Cpu,
-        }
+        Config { num_classes, ema_decay: 0.99, min_prevalence: 0.0, device: Device::Cpu }
     }
 
     /// Sets the decay of the moving average.

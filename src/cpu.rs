@@ -36,10 +36,7 @@ pub(crate) fn scan_labels<L: Label>(
     num_classes: usize,
     ignore_index: i64,
 ) -> LabelScan {
-    let empty = || LabelScan {
-        counts: vec![0; num_classes],
-        first_out_of_range: None,
-    };
+    let empty = || LabelScan { counts: vec![0; num_classes], first_out_of_range: None };
     let stride = geometry.inner_stride(TARGET);
     (0..geometry.chunk_count(SCAN_CHUNK))
         .into_par_iter()
@@ -117,11 +114,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
     pub(crate) fn run(&self) -> f64 {
         let num_classes = self.weights.len();
         let coefficients = Coefficients {
-            weights: self
-                .weights
-                .iter()
-                .map(|&w| T::Acc::from_f64(w as f64))
-                .collect(),
+            weights: self.weights.iter().map(|&w| T::Acc::from_f64(w as f64)).collect(),
             weight_total: T::Acc::from_f64(self.weights.iter().map(|&w| w as f64).sum()),
             keep: T::Acc::from_f64(1.0 - self.label_smoothing),
             spread: T::Acc::from_f64(self.label_smoothing / num_classes as f64),
@@ -147,9 +140,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
 
     fn label_at(&self, chunk: &Chunk, p: usize) -> i64 {
         let stride = self.geometry.inner_stride(TARGET);
-        self.target
-            .get(chunk.offsets[TARGET] + p as isize * stride)
-            .to_i64()
+        self.target.get(chunk.offsets[TARGET] + p as isize * stride).to_i64()
     }
 
     fn upstream_at(&self, chunk: &Chunk, p: usize) -> T::Acc {
@@ -157,9 +148,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
             Upstream::Uniform(value) => T::Acc::from_f64(*value),
             Upstream::PerPosition(source) => {
                 let stride = self.geometry.inner_stride(PER_POSITION);
-                source
-                    .get(chunk.offsets[PER_POSITION] + p as isize * stride)
-                    .to_acc()
+                source.get(chunk.offsets[PER_POSITION] + p as isize * stride).to_acc()
             }
         }
     }
@@ -170,10 +159,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
             // SAFETY: position p of this chunk belongs to this chunk alone, and the losses
             // tensor's positions do not overlap.
             unsafe {
-                losses.put(
-                    chunk.offsets[PER_POSITION] + p as isize * stride,
-                    T::from_acc(loss),
-                )
+                losses.put(chunk.offsets[PER_POSITION] + p as isize * stride, T::from_acc(loss))
             }
         }
     }
@@ -196,27 +182,17 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
             let logit_offset =
                 chunk.offsets[LOGITS] + p as isize * self.geometry.inner_stride(LOGITS);
             if class_stride == 1 {
-                for (slot, x) in row
-                    .iter_mut()
-                    .zip(self.logits.slice(logit_offset, num_classes))
-                {
+                for (slot, x) in row.iter_mut().zip(self.logits.slice(logit_offset, num_classes)) {
                     *slot = x.to_acc();
                 }
             } else {
                 for (c, slot) in row.iter_mut().enumerate() {
-                    *slot = self
-                        .logits
-                        .get(logit_offset + c as isize * class_stride)
-                        .to_acc();
+                    *slot = self.logits.get(logit_offset + c as isize * class_stride).to_acc();
                 }
             }
 
             let max = row.iter().fold(T::Acc::NEG_INFINITY, |m, &x| m.max(x));
-            let shifted_target = if ignored {
-                T::Acc::ZERO
-            } else {
-                row[label as usize] - max
-            };
+            let shifted_target = if ignored { T::Acc::ZERO } else { row[label as usize] - max };
             let mut weighted_shift = T::Acc::ZERO;
             if self.label_smoothing != 0.0 && !ignored {
                 for (x, &w) in row.iter().zip(&k.weights) {
@@ -334,11 +310,9 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
                     continue;
                 }
                 let y = label as usize;
-                let shifted_target = self
-                    .logits
-                    .get(base + y as isize * class_stride + p as isize)
-                    .to_acc()
-                    - max[p];
+                let shifted_target =
+                    self.logits.get(base + y as isize * class_stride + p as isize).to_acc()
+                        - max[p];
                 let log_total = total[p].ln();
                 let w_y = k.weights[y];
                 let loss = k.keep * w_y * (log_total - shifted_target)

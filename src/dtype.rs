@@ -26,26 +26,14 @@ impl DType {
     pub const U8: DType = DType::scalar(CODE_UINT, 8);
 
     const fn scalar(code: u8, bits: u8) -> DType {
-        DType {
-            code,
-            bits,
-            lanes: 1,
-        }
+        DType { code, bits, lanes: 1 }
     }
 
     /// Bytes per element, if the type is one this library knows.
     pub fn size_in_bytes(self) -> Option<usize> {
-        [
-            DType::F16,
-            DType::BF16,
-            DType::F32,
-            DType::F64,
-            DType::I64,
-            DType::I32,
-            DType::U8,
-        ]
-        .contains(&self)
-        .then_some(self.bits as usize / 8)
+        [DType::F16, DType::BF16, DType::F32, DType::F64, DType::I64, DType::I32, DType::U8]
+            .contains(&self)
+            .then_some(self.bits as usize / 8)
     }
 }
 
@@ -61,13 +49,7 @@ impl fmt::Display for DType {
             (CODE_UINT, _) => "uint",
             (CODE_FLOAT, _) => "float",
             (CODE_BFLOAT, _) => "bfloat",
-            _ => {
-                return write!(
-                    f,
-                    "code {} bits {} lanes {}",
-                    self.code, self.bits, self.lanes
-                )
-            }
+            _ => return write!(f, "code {} bits {} lanes {}", self.code, self.bits, self.lanes),
         };
         write!(f, "{name}{}", self.bits)?;
         if self.lanes != 1 {

@@ -27,11 +27,7 @@ pub enum Error {
 
     /// A tensor's element type is not one this operation accepts.
     #[error("unsupported dtype for `{tensor}`: {dtype}; expected {expected}")]
-    UnsupportedDtype {
-        tensor: &'static str,
-        dtype: String,
-        expected: &'static str,
-    },
+    UnsupportedDtype { tensor: &'static str, dtype: String, expected: &'static str },
 
     /// Shapes of tensors do not fit together or do not fit the loss.
     #[error("shape mismatch: {0}")]
@@ -39,30 +35,18 @@ pub enum Error {
 
     /// A tensor's memory layout cannot be used: bad strides, misaligned data, overflow.
     #[error("invalid layout of `{tensor}`: {reason}")]
-    InvalidLayout {
-        tensor: &'static str,
-        reason: String,
-    },
+    InvalidLayout { tensor: &'static str, reason: String },
 
     /// A label that is neither in `[0, num_classes)` nor the ignore index.
     #[error(
         "label {label} at position {position:?} of the target is outside [0, {num_classes}) \
          and is not the ignore index ({ignore_index})"
     )]
-    LabelOutOfRange {
-        label: i64,
-        position: Vec<usize>,
-        num_classes: usize,
-        ignore_index: i64,
-    },
+    LabelOutOfRange { label: i64, position: Vec<usize>, num_classes: usize, ignore_index: i64 },
 
     /// A caller's buffer does not have the length the operation needs.
     #[error("buffer `{name}` has length {actual} but {expected} is needed")]
-    BufferLength {
-        name: &'static str,
-        expected: usize,
-        actual: usize,
-    },
+    BufferLength { name: &'static str, expected: usize, actual: usize },
 
     /// A saved state or a count vector that cannot be applied.
     #[error("invalid state: {0}")]
@@ -70,11 +54,7 @@ pub enum Error {
 
     /// A tensor lives on a device this loss does not compute on.
     #[error("`{tensor}` is on {found} but the loss computes on {expected}")]
-    DeviceMismatch {
-        tensor: &'static str,
-        found: String,
-        expected: String,
-    },
+    DeviceMismatch { tensor: &'static str, found: String, expected: String },
 
     /// The operation needs something this build or machine does not have.
     #[error("unsupported: {0}")]
@@ -82,10 +62,7 @@ pub enum Error {
 
     /// The CUDA driver reported an error.
     #[error("cuda error in {context}: {message}")]
-    Cuda {
-        context: &'static str,
-        message: String,
-    },
+    Cuda { context: &'static str, message: String },
 
     /// A panic inside the library, caught at the C boundary. It is a bug.
     #[error("internal error (caught panic): {0}")]
@@ -94,17 +71,11 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn invalid_argument(name: &'static str, reason: impl fmt::Display) -> Self {
-        Error::InvalidArgument {
-            name,
-            reason: reason.to_string(),
-        }
+        Error::InvalidArgument { name, reason: reason.to_string() }
     }
 
     pub(crate) fn invalid_layout(tensor: &'static str, reason: impl fmt::Display) -> Self {
-        Error::InvalidLayout {
-            tensor,
-            reason: reason.to_string(),
-        }
+        Error::InvalidLayout { tensor, reason: reason.to_string() }
     }
 
     /// The status code that stands for this error at the C boundary.
@@ -182,10 +153,7 @@ impl Status {
 
     /// Reads a status from its integer value, if it is one.
     pub fn from_code(code: i32) -> Option<Status> {
-        Status::ALL
-            .iter()
-            .copied()
-            .find(|status| *status as i32 == code)
+        Status::ALL.iter().copied().find(|status| *status as i32 == code)
     }
 
     /// A short, static description of the status.

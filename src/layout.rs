@@ -37,10 +37,7 @@ impl Geometry {
     pub(crate) fn new(shape: &[usize], strides: [Option<&[isize]>; OPERANDS]) -> Geometry {
         let stride_of = |k: usize, axis: usize| strides[k].map_or(0, |s| s[axis]);
         if shape.contains(&0) {
-            return Geometry {
-                dims: vec![0],
-                strides: std::array::from_fn(|_| vec![0]),
-            };
+            return Geometry { dims: vec![0], strides: std::array::from_fn(|_| vec![0]) };
         }
 
         let mut dims: Vec<usize> = Vec::new();
@@ -64,10 +61,7 @@ impl Geometry {
                 }
             }
         }
-        Geometry {
-            dims,
-            strides: merged,
-        }
+        Geometry { dims, strides: merged }
     }
 
     /// Number of positions.
@@ -113,11 +107,7 @@ impl Geometry {
             *offset += start as isize * self.inner_stride(k);
         }
 
-        Chunk {
-            first_position: line * inner + start,
-            offsets,
-            len: chunk_len.min(inner - start),
-        }
+        Chunk { first_position: line * inner + start, offsets, len: chunk_len.min(inner - start) }
     }
 }
 
@@ -139,19 +129,13 @@ mod tests {
     fn contiguous_nchw_merges_spatial_axes() {
         // Logits (2, 3, 4, 5) seen with the class axis moved last: positions (2, 4, 5) with
         // strides (60, 5, 1); the target (2, 4, 5) is contiguous, strides (20, 5, 1).
-        let g = Geometry::new(
-            &[2, 4, 5],
-            [Some(&[60, 5, 1]), Some(&[20, 5, 1]), None, None],
-        );
+        let g = Geometry::new(&[2, 4, 5], [Some(&[60, 5, 1]), Some(&[20, 5, 1]), None, None]);
         assert_eq!(g.dims, vec![2, 20]);
         assert_eq!(g.inner_stride(LOGITS), 1);
         assert_eq!(g.chunk_count(8), 2 * 3);
         let c = g.chunk(4, 8);
         // Line 1, start 8: logits 60 + 8, target 20 + 8, 8 positions... of the last 4 left.
-        assert_eq!(
-            (c.first_position, c.offsets[LOGITS], c.offsets[TARGET]),
-            (28, 68, 28)
-        );
+        assert_eq!((c.first_position, c.offsets[LOGITS], c.offsets[TARGET]), (28, 68, 28));
         assert_eq!(g.chunk(5, 8).len, 4);
     }
 
@@ -161,10 +145,7 @@ mod tests {
         let g = Geometry::new(&[6], [Some(&[3]), Some(&[1]), None, None]);
         assert_eq!(g.dims, vec![6]);
         // Channels-last (2, 4, 5) positions with strides (60, 15, 3): all merge.
-        let g = Geometry::new(
-            &[2, 4, 5],
-            [Some(&[60, 15, 3]), Some(&[20, 5, 1]), None, None],
-        );
+        let g = Geometry::new(&[2, 4, 5], [Some(&[60, 15, 3]), Some(&[20, 5, 1]), None, None]);
         assert_eq!(g.dims, vec![40]);
     }
 

@@ -113,10 +113,7 @@ impl ClassBalancedLoss {
                 "the rust api computes on host memory; use the c api's cuda entry points".into(),
             ));
         }
-        Ok(ClassBalancedLoss {
-            config,
-            state: Mutex::new(Prevalences::unseen(config.num_classes)),
-        })
+        Ok(ClassBalancedLoss { config, state: Mutex::new(Prevalences::unseen(config.num_classes)) })
     }
 
     /// The configuration the loss was made from.
@@ -131,9 +128,7 @@ impl ClassBalancedLoss {
 
     fn state(&self) -> MutexGuard<'_, Prevalences> {
         // Updates replace the state whole, so a panic elsewhere cannot leave it half-written.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Counts the labels of `target` in `[0, C)` other than `ignore_index`; others are dropped.
@@ -174,14 +169,8 @@ impl ClassBalancedLoss {
                 actual: counts.len(),
             });
         }
-        if counts
-            .iter()
-            .try_fold(0u64, |total, &c| total.checked_add(c))
-            .is_none()
-        {
-            return Err(Error::InvalidState(
-                "the counts' total overflows 64 bits".into(),
-            ));
+        if counts.iter().try_fold(0u64, |total, &c| total.checked_add(c)).is_none() {
+            return Err(Error::InvalidState("the counts' total overflows 64 bits".into()));
         }
         Ok(())
     }
@@ -257,11 +246,7 @@ impl ClassBalancedLoss {
             loss.view_mut(),
             grad.as_mut().map(|g| g.view_mut()),
         )?;
-        Ok(ForwardOutput {
-            loss,
-            grad,
-            summary,
-        })
+        Ok(ForwardOutput { loss, grad, summary })
     }
 
     /// [`forward`](Self::forward) into caller-owned arrays of any layout: `loss` has one
@@ -316,11 +301,7 @@ impl ClassBalancedLoss {
         if let Some(loss) = reduced_loss.as_mut() {
             write_reduced(loss, reduced);
         }
-        Ok(ForwardSummary {
-            weights_used,
-            weight_sum,
-            loss: reduced,
-        })
+        Ok(ForwardSummary { weights_used, weight_sum, loss: reduced })
     }
 }
 
@@ -346,11 +327,7 @@ pub fn backward_into<T: Logit, L: Label>(
     options.validate()?;
     let num_classes = weights.len();
     if num_classes == 0 {
-        return Err(Error::BufferLength {
-            name: "weights",
-            expected: 1,
-            actual: 0,
-        });
+        return Err(Error::BufferLength { name: "weights", expected: 1, actual: 0 });
     }
     let shapes = Shapes::check(&logits, &target, num_classes)?;
     shapes.check_grad(grad.shape())?;
@@ -382,12 +359,7 @@ pub fn backward_into<T: Logit, L: Label>(
         Reduction::None => PassUpstream::PerPosition(grad_loss),
         reduced => {
             use crate::dtype::Real;
-            let value = grad_loss
-                .iter()
-                .next()
-                .expect("one element")
-                .to_acc()
-                .to_f64();
+            let value = grad_loss.iter().next().expect("one element").to_acc().to_f64();
             let scale = if reduced == Reduction::Mean {
                 1.0 / weight_sum(&scan.counts, weights)
             } else {
@@ -396,16 +368,7 @@ pub fn backward_into<T: Logit, L: Label>(
             PassUpstream::Uniform(value * scale)
         }
     };
-    run_pass(
-        &shapes,
-        &logits,
-        &target,
-        None,
-        Some(grad),
-        upstream,
-        weights,
-        options,
-    );
+    run_pass(&shapes, &logits, &target, None, Some(grad), upstream, weights, options);
     Ok(())
 }
 
@@ -433,11 +396,7 @@ pub fn backward<T: Logit, L: Label, D: Dimension, E: Dimension, F: Dimension>(
 
 /// Sum over classes of count times weight: the sum of the target classes' weights.
 pub(crate) fn weight_sum(counts: &[u64], weights: &[f32]) -> f64 {
-    counts
-        .iter()
-        .zip(weights)
-        .map(|(&n, &w)| n as f64 * w as f64)
-        .sum()
+    counts.iter().zip(weights).map(|(&n, &w)| n as f64 * w as f64).sum()
 }
 
 fn scan_target<L: Label>(
@@ -505,11 +464,7 @@ impl Shapes {
                  {expected:?}"
             )));
         }
-        Ok(Shapes {
-            class_axis,
-            logits_shape,
-            target_shape,
-        })
+        Ok(Shapes { class_axis, logits_shape, target_shape })
     }
 
     fn check_grad(&self, shape: &[usize]) -> Result<()> {
@@ -586,10 +541,7 @@ fn run_pass<T: Logit, L: Label>(
             (Upstream::PerPosition(source), Some(strides))
         }
     };
-    let per_position = losses
-        .as_ref()
-        .map(|(_, s)| s.as_slice())
-        .or(upstream_strides.as_deref());
+    let per_position = losses.as_ref().map(|(_, s)| s.as_slice()).or(upstream_strides.as_deref());
 
     let geometry = Geometry::new(
         &shapes.target_shape,

@@ -18,13 +18,7 @@ pub fn exp_f32(x: f32) -> f32 {
     // Adding 1.5 * 2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
     const ROUNDER: f32 = 12_582_912.0;
 
-    let clamped = if x < LOWEST {
-        LOWEST
-    } else if x > HIGHEST {
-        HIGHEST
-    } else {
-        x
-    };
+    let clamped = x.clamp(LOWEST, HIGHEST);
     let shifted = clamped * LOG2_E + ROUNDER;
     let n = shifted - ROUNDER;
     let r = clamped - n * LN2_HIGH - n * LN2_LOW;

@@ -17,9 +17,7 @@ pub struct Prevalences {
 impl Prevalences {
     /// Every class unseen.
     pub fn unseen(num_classes: usize) -> Self {
-        Prevalences {
-            values: vec![None; num_classes],
-        }
+        Prevalences { values: vec![None; num_classes] }
     }
 
     /// A state from explicit values; each must be unseen or a finite number in `[0, 1]`.
@@ -64,11 +62,7 @@ impl Prevalences {
                     None if count > 0 => first_seen,
                     None => return None,
                 };
-                let batch = if total > 0 {
-                    count as f64 / total as f64
-                } else {
-                    0.0
-                };
+                let batch = if total > 0 { count as f64 / total as f64 } else { 0.0 };
                 Some(start * ema_decay + batch * keep)
             })
             .collect();
@@ -77,10 +71,7 @@ impl Prevalences {
 
     /// The prevalences as the reference reports them: float32, NaN for unseen classes.
     pub fn reported(&self) -> Vec<f32> {
-        self.values
-            .iter()
-            .map(|v| v.map_or(f32::NAN, |p| p as f32))
-            .collect()
+        self.values.iter().map(|v| v.map_or(f32::NAN, |p| p as f32)).collect()
     }
 
     /// Number of bytes of [`Prevalences::to_bytes`] for `num_classes` classes.
@@ -116,9 +107,7 @@ impl Prevalences {
             )));
         }
         if &bytes[..8] != MAGIC {
-            return Err(Error::InvalidState(
-                "state blob does not start with CBCESTAT".into(),
-            ));
+            return Err(Error::InvalidState("state blob does not start with CBCESTAT".into()));
         }
         let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
         if version != FORMAT_VERSION {
@@ -185,17 +174,13 @@ mod tests {
     fn seen_class_absent_from_batch_decays() {
         // From [0.375, -, 0.375, -] with counts [0, 0, 4, 0]: class 0 becomes
         // 0.375 * 0.5 + 0 = 0.1875, class 2 becomes 0.375 * 0.5 + 1 * 0.5 = 0.6875.
-        let state = Prevalences::unseen(4)
-            .updated(&[2, 0, 2, 0], 0.5)
-            .updated(&[0, 0, 4, 0], 0.5);
+        let state = Prevalences::unseen(4).updated(&[2, 0, 2, 0], 0.5).updated(&[0, 0, 4, 0], 0.5);
         assert_eq!(state.values(), &[Some(0.1875), None, Some(0.6875), None]);
     }
 
     #[test]
     fn empty_batch_decays_every_seen_class() {
-        let state = Prevalences::unseen(2)
-            .updated(&[1, 0], 0.5)
-            .updated(&[0, 0], 0.5);
+        let state = Prevalences::unseen(2).updated(&[1, 0], 0.5).updated(&[0, 0], 0.5);
         // 0.5 * 0.5 + 1 * 0.5 = 0.75, then 0.75 * 0.5 = 0.375.
         assert_eq!(state.values(), &[Some(0.375), None]);
     }

@@ -43,22 +43,14 @@ impl<'a, T: Copy> Source<'a, T> {
     pub(crate) fn new(view: &ArrayViewD<'a, T>) -> (Source<'a, T>, Vec<isize>) {
         let strides = view.strides().to_vec();
         let (low, high) = extent(view.shape(), &strides).unwrap_or((0, -1));
-        let source = Source {
-            ptr: view.as_ptr(),
-            low,
-            high,
-            _borrow: PhantomData,
-        };
+        let source = Source { ptr: view.as_ptr(), low, high, _borrow: PhantomData };
         (source, strides)
     }
 
     /// The element at `offset`. Panics if the offset is outside the view.
     #[inline(always)]
     pub(crate) fn get(&self, offset: isize) -> T {
-        assert!(
-            self.low <= offset && offset <= self.high,
-            "read outside the tensor"
-        );
+        assert!(self.low <= offset && offset <= self.high, "read outside the tensor");
         // SAFETY: the offset lies within the view's extent, which the view borrows for 'a.
         unsafe { *self.ptr.offset(offset) }
     }
@@ -99,12 +91,7 @@ impl<'a, T: Copy> Sink<'a, T> {
     pub(crate) fn new(view: &mut ArrayViewMutD<'a, T>) -> (Sink<'a, T>, Vec<isize>) {
         let strides = view.strides().to_vec();
         let (low, high) = extent(view.shape(), &strides).unwrap_or((0, -1));
-        let sink = Sink {
-            ptr: view.as_mut_ptr(),
-            low,
-            high,
-            _borrow: PhantomData,
-        };
+        let sink = Sink { ptr: view.as_mut_ptr(), low, high, _borrow: PhantomData };
         (sink, strides)
     }
 
@@ -114,10 +101,7 @@ impl<'a, T: Copy> Sink<'a, T> {
     /// No other thread reads or writes the element at `offset` during the call.
     #[inline(always)]
     pub(crate) unsafe fn put(&self, offset: isize, value: T) {
-        assert!(
-            self.low <= offset && offset <= self.high,
-            "write outside the tensor"
-        );
+        assert!(self.low <= offset && offset <= self.high, "write outside the tensor");
         // SAFETY: in bounds of the exclusively borrowed view; the caller rules out races.
         unsafe { *self.ptr.offset(offset) = value }
     }
@@ -127,6 +111,7 @@ impl<'a, T: Copy> Sink<'a, T> {
     /// # Safety
     /// While the slice lives, no other reference to or write of those elements exists.
     #[inline(always)]
+    #[allow(clippy::mut_from_ref)] // Exclusivity is the caller's contract, as documented.
     pub(crate) unsafe fn slice_mut(&self, offset: isize, len: usize) -> &mut [T] {
         if len == 0 {
             return &mut [];

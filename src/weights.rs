@@ -14,18 +14,11 @@ pub fn class_weights(reported: &[f32], min_prevalence: f64) -> Vec<f32> {
     let prevalences: Vec<f32> = if reported.iter().all(|p| p.is_nan()) {
         vec![1.0; num_classes]
     } else {
-        reported
-            .iter()
-            .map(|&p| if p.is_nan() { p } else { p.max(floor) })
-            .collect()
+        reported.iter().map(|&p| if p.is_nan() { p } else { p.max(floor) }).collect()
     };
 
     let inverse: Vec<f32> = prevalences.iter().map(|&p| 1.0 / p).collect();
-    let observed: Vec<f64> = inverse
-        .iter()
-        .filter(|w| !w.is_nan())
-        .map(|&w| w as f64)
-        .collect();
+    let observed: Vec<f64> = inverse.iter().filter(|w| !w.is_nan()).map(|&w| w as f64).collect();
     let mean = mean_f32(&observed);
     let std = sample_std_f32(&observed);
 
@@ -95,10 +88,7 @@ mod tests {
         // p = [0.25, 0.75]: w = [4, 4/3], mean 8/3, std 1.8856 (bounds do not bind);
         // sum 16/3, so w = 2 * [4, 4/3] / (16/3) = [1.5, 0.5].
         let w = class_weights(&[0.25, 0.75], 0.0);
-        assert!(
-            (w[0] - 1.5).abs() < 1e-6 && (w[1] - 0.5).abs() < 1e-6,
-            "{w:?}"
-        );
+        assert!((w[0] - 1.5).abs() < 1e-6 && (w[1] - 0.5).abs() < 1e-6, "{w:?}");
     }
 
     #[test]

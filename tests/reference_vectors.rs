@@ -19,17 +19,10 @@ fn vectors_path() -> PathBuf {
 
 fn load_cases() -> Vec<Value> {
     let path = vectors_path();
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "cannot read the reference vectors at {}: {e}",
-            path.display()
-        )
-    });
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read the reference vectors at {}: {e}", path.display()));
     let document: Value = serde_json::from_str(&text).expect("reference vectors are JSON");
-    document["cases"]
-        .as_array()
-        .expect("a list of cases")
-        .clone()
+    document["cases"].as_array().expect("a list of cases").clone()
 }
 
 fn floats(value: &Value) -> Vec<f32> {
@@ -42,21 +35,12 @@ fn floats(value: &Value) -> Vec<f32> {
 }
 
 fn shape(value: &Value) -> Vec<usize> {
-    value
-        .as_array()
-        .expect("a shape")
-        .iter()
-        .map(|d| d.as_u64().unwrap() as usize)
-        .collect()
+    value.as_array().expect("a shape").iter().map(|d| d.as_u64().unwrap() as usize).collect()
 }
 
 fn labels(step: &Value) -> ArrayD<i64> {
-    let data: Vec<i64> = step["target"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_i64().unwrap())
-        .collect();
+    let data: Vec<i64> =
+        step["target"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
     ArrayD::from_shape_vec(IxDyn(&shape(&step["target_shape"])), data).unwrap()
 }
 
@@ -123,9 +107,7 @@ fn run_forward(context: &str, loss: &ClassBalancedLoss, step: &Value) {
 
     let grad = if options.reduction == Reduction::None {
         // The gradient of sum(loss * grad_output): the forward's losses, then backward.
-        let out = loss
-            .forward(input.view(), target.view(), &options, false)
-            .unwrap();
+        let out = loss.forward(input.view(), target.view(), &options, false).unwrap();
         let grad_output =
             ArrayD::from_shape_vec(target.raw_dim(), floats(&step["grad_output"])).unwrap();
         assert_close(
@@ -151,9 +133,7 @@ fn run_forward(context: &str, loss: &ClassBalancedLoss, step: &Value) {
         )
         .unwrap()
     } else {
-        let out = loss
-            .forward(input.view(), target.view(), &options, true)
-            .unwrap();
+        let out = loss.forward(input.view(), target.view(), &options, true).unwrap();
         assert_close(
             &format!("{context} loss"),
             &[out.loss.iter().copied().next().unwrap()],
@@ -195,8 +175,7 @@ fn every_reference_case_is_reproduced() {
             match step["kind"].as_str().unwrap() {
                 "update" => {
                     let target = labels(step);
-                    loss.update(target.view(), step["ignore_index"].as_i64().unwrap())
-                        .unwrap();
+                    loss.update(target.view(), step["ignore_index"].as_i64().unwrap()).unwrap();
                     check_state(&context, &loss, &step["expected"]);
                 }
                 "forward" => run_forward(&context, &loss, step),

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every test of the project, after installing what they need (scripts/setup.sh).
+# This is the README's test command and what CI runs (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "setup"
+scripts/setup.sh
+
+step "rust: formatting"
+cargo fmt --check
+
+step "rust: lints"
+cargo clippy --all-targets --quiet -- -D warnings
+
+step "rust: unit, api, c-abi and reference-vector tests"
+cargo test --quiet
