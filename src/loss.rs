@@ -406,7 +406,13 @@ fn scan_target<L: Label>(
 ) -> LabelScan {
     let (source, strides) = Source::new(target);
     let geometry = Geometry::new(target.shape(), [None, Some(&strides), None, None]);
-    scan_labels(&source, &geometry, num_classes, ignore_index)
+    let mut scan = scan_labels(&source, &geometry, num_classes, ignore_index);
+    // The scan counts every label in [0, C); an ignore index that is itself a class must be
+    // dropped from the counts too (from the update and from the "mean" denominator).
+    if let Some(count) = usize::try_from(ignore_index).ok().and_then(|k| scan.counts.get_mut(k)) {
+        *count = 0;
+    }
+    scan
 }
 
 /// [`scan_target`] for a loss computation, where a label outside `[0, C)` that is not the
