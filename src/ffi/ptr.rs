@@ -102,7 +102,10 @@ impl<'a> Tensor<'a> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let numel = shape.iter().try_fold(1usize, |n, &len| n.checked_mul(len));
+        // Axes of extent 0 are left out of the product, so that an empty tensor's other axes
+        // also stay within the bounds that an ndarray view of them requires.
+        let numel =
+            shape.iter().filter(|&&len| len != 0).try_fold(1usize, |n, &len| n.checked_mul(len));
         if numel.is_none_or(|n| n > isize::MAX as usize / 8) {
             return Err(Error::invalid_layout(
                 name,
@@ -191,7 +194,9 @@ impl<'a> Tensor<'a> {
     fn normalised<T>(&self) -> Result<(NonNull<T>, Vec<usize>, Vec<usize>)> {
         let element_size = std::mem::size_of::<T>();
         let Some(origin) = self.origin(element_size)? else {
-            let strides = vec![0; self.shape.len()];
+            // No element is ever read or written, but a view still needs strides that do not
+            // overlap: those of the contiguous layout do not.
+            let strides = row_major_strides(&self.shape).iter().map(|&s| s as usize).collect();
             return Ok((NonNull::dangling(), strides, Vec::new()));
         };
         let (low, _) = self.extent.expect("origin implies extent");
