@@ -16,6 +16,21 @@ fn main() {
     }
 
     generate_header(&manifest_dir, &out_dir.join("cbce.h"));
+    link_soname();
+}
+
+/// Gives the shared library on ELF systems the SONAME that the installed files are named after
+/// (CMakeLists.txt): `libcbce.so.<major>`, or `libcbce.so.0.<minor>` while the major version is
+/// 0, because a 0.x minor release may break the ABI.
+fn link_soname() {
+    let target_os = env::var("CARGO_CFG_TARGET_OS").expect("set by cargo");
+    if !matches!(target_os.as_str(), "linux" | "android" | "freebsd" | "netbsd" | "openbsd") {
+        return;
+    }
+    let major = env::var("CARGO_PKG_VERSION_MAJOR").expect("set by cargo");
+    let minor = env::var("CARGO_PKG_VERSION_MINOR").expect("set by cargo");
+    let abi_version = if major == "0" { format!("0.{minor}") } else { major };
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libcbce.so.{abi_version}");
 }
 
 fn generate_header(manifest_dir: &std::path::Path, out: &std::path::Path) {
