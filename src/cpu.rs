@@ -15,9 +15,11 @@ use rayon::prelude::*;
 /// Positions per chunk of the label scan.
 const SCAN_CHUNK: usize = 1 << 15;
 /// Logits per chunk of the fused pass (a chunk holds `FUSED_CHUNK_LOGITS / C` positions).
-const FUSED_CHUNK_LOGITS: usize = 1 << 16;
-/// Logits per block of the spatial kernel: the block's buffer stays in the L1 cache.
-const BLOCK_LOGITS: usize = 4096;
+const FUSED_CHUNK_LOGITS: usize = 1 << 17;
+/// Bytes of a cache line.
+const CACHE_LINE: usize = 64;
+/// Logits per block of the spatial kernel: the block's buffer stays in the L2 cache.
+const BLOCK_LOGITS: usize = 16384;
 
 /// What a scan of the labels found.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,6 +111,34 @@ struct Coefficients<A> {
     spread: A,
 }
 
+/// Which kernel a pass runs: rows of classes one at a time, or blocks of positions.
+#[derive(Clone, Copy, PartialEq)]
+enum Kernel {
+    Rows,
+    Blocks,
+}
+
+/// Classes up to which contiguous rows are still taken in blocks of positions: below it a
+/// row is too short to vectorise along.
+const ROW_KERNEL_MIN_CLASSES: usize = 64;
+
+/// Lanes of the row kernel's reductions. Sums are split over this many accumulators in a
+/// fixed order, so results do not depend on the vector width the CPU offers.
+const LANES: usize = 8;
+
+/// Per-thread working memory of the kernels, reused from chunk to chunk.
+pub(crate) struct Scratch<A> {
+    values: Vec<A>,
+    per_position: Vec<A>,
+    labels: Vec<i64>,
+}
+
+impl<A> Scratch<A> {
+    fn new() -> Self {
+        Scratch { values: Vec::new(), per_position: Vec::new(), labels: Vec::new() }
+    }
+}
+
 impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
     /// Runs the pass; returns the sum of all positions' losses (ignored ones count 0).
     pub(crate) fn run(&self) -> f64 {
@@ -120,29 +150,91 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
             spread: T::Acc::from_f64(self.label_smoothing / num_classes as f64),
         };
         let chunk_len = (FUSED_CHUNK_LOGITS / num_classes).max(1);
-        let spatial = self.logits_class_stride != 1
-            && self.geometry.inner_stride(LOGITS) == 1
-            && num_classes * 8 <= BLOCK_LOGITS;
+        let contiguous_rows = self.logits_class_stride == 1 && num_classes > ROW_KERNEL_MIN_CLASSES;
+        let kernel = if contiguous_rows || num_classes * 8 > BLOCK_LOGITS {
+            Kernel::Rows
+        } else {
+            Kernel::Blocks
+        };
 
         let partials: Vec<f64> = (0..self.geometry.chunk_count(chunk_len))
             .into_par_iter()
-            .map_init(Vec::new, |buffer, index| {
+            .map_init(Scratch::new, |scratch, index| {
                 let chunk = self.geometry.chunk(index, chunk_len);
-                if spatial {
-                    self.spatial_chunk(&chunk, &coefficients, buffer)
-                } else {
-                    self.row_chunk(&chunk, &coefficients, buffer)
-                }
+                self.run_chunk(kernel, &chunk, &coefficients, scratch)
             })
             .collect();
         partials.iter().sum()
     }
 
+    /// Runs one chunk with the widest vector instructions this CPU has. Every variant performs
+    /// the same floating-point operations in the same order, so all give the same bits.
+    fn run_chunk(
+        &self,
+        kernel: Kernel,
+        chunk: &Chunk,
+        k: &Coefficients<T::Acc>,
+        scratch: &mut Scratch<T::Acc>,
+    ) -> f64 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F, detected just above.
+                return unsafe { self.run_chunk_avx512(kernel, chunk, k, scratch) };
+            }
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2, detected just above.
+                return unsafe { self.run_chunk_avx2(kernel, chunk, k, scratch) };
+            }
+        }
+        self.run_chunk_portable(kernel, chunk, k, scratch)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_chunk_avx512(
+        &self,
+        kernel: Kernel,
+        chunk: &Chunk,
+        k: &Coefficients<T::Acc>,
+        scratch: &mut Scratch<T::Acc>,
+    ) -> f64 {
+        self.run_chunk_portable(kernel, chunk, k, scratch)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_chunk_avx2(
+        &self,
+        kernel: Kernel,
+        chunk: &Chunk,
+        k: &Coefficients<T::Acc>,
+        scratch: &mut Scratch<T::Acc>,
+    ) -> f64 {
+        self.run_chunk_portable(kernel, chunk, k, scratch)
+    }
+
+    #[inline(always)]
+    fn run_chunk_portable(
+        &self,
+        kernel: Kernel,
+        chunk: &Chunk,
+        k: &Coefficients<T::Acc>,
+        scratch: &mut Scratch<T::Acc>,
+    ) -> f64 {
+        match kernel {
+            Kernel::Rows => self.row_chunk(chunk, k, scratch),
+            Kernel::Blocks => self.block_chunk(chunk, k, scratch),
+        }
+    }
+
+    #[inline(always)]
     fn label_at(&self, chunk: &Chunk, p: usize) -> i64 {
         let stride = self.geometry.inner_stride(TARGET);
         self.target.get(chunk.offsets[TARGET] + p as isize * stride).to_i64()
     }
 
+    #[inline(always)]
     fn upstream_at(&self, chunk: &Chunk, p: usize) -> T::Acc {
         match &self.upstream {
             Upstream::Uniform(value) => T::Acc::from_f64(*value),
@@ -153,21 +245,28 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         }
     }
 
+    #[inline(always)]
     fn store_loss(&self, chunk: &Chunk, p: usize, loss: T::Acc) {
         if let Some(losses) = &self.losses {
-            let stride = self.geometry.inner_stride(PER_POSITION);
+            let offset =
+                chunk.offsets[PER_POSITION] + p as isize * self.geometry.inner_stride(PER_POSITION);
             // SAFETY: position p of this chunk belongs to this chunk alone, and the losses
             // tensor's positions do not overlap.
-            unsafe {
-                losses.put(chunk.offsets[PER_POSITION] + p as isize * stride, T::from_acc(loss))
-            }
+            unsafe { losses.put(offset, T::from_acc(loss)) }
         }
     }
 
-    /// Positions one at a time, each row of C logits through the buffer.
-    fn row_chunk(&self, chunk: &Chunk, k: &Coefficients<T::Acc>, row: &mut Vec<T::Acc>) -> f64 {
+    /// Positions one at a time, each row of C logits through the buffer; for long rows.
+    #[inline(always)]
+    fn row_chunk(
+        &self,
+        chunk: &Chunk,
+        k: &Coefficients<T::Acc>,
+        scratch: &mut Scratch<T::Acc>,
+    ) -> f64 {
         let num_classes = k.weights.len();
         let class_stride = self.logits_class_stride;
+        let row = &mut scratch.values;
         row.resize(num_classes, T::Acc::ZERO);
         let mut sum = 0.0f64;
 
@@ -191,19 +290,14 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
                 }
             }
 
-            let max = row.iter().fold(T::Acc::NEG_INFINITY, |m, &x| m.max(x));
+            let max = lane_max(row);
             let shifted_target = if ignored { T::Acc::ZERO } else { row[label as usize] - max };
-            let mut weighted_shift = T::Acc::ZERO;
-            if self.label_smoothing != 0.0 && !ignored {
-                for (x, &w) in row.iter().zip(&k.weights) {
-                    weighted_shift = weighted_shift + w * (*x - max);
-                }
-            }
-            let mut total = T::Acc::ZERO;
-            for x in row.iter_mut() {
-                *x = (*x - max).exp();
-                total = total + *x;
-            }
+            let weighted_shift = if self.label_smoothing != 0.0 && !ignored {
+                lane_dot_shifted(row, &k.weights, max)
+            } else {
+                T::Acc::ZERO
+            };
+            let total = exp_shifted_in_place(row, max);
 
             // An ignored position has loss 0 and gradient 0 * softmax, which is NaN where the
             // softmax is, as PyTorch's gradient is.
@@ -226,72 +320,97 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
             };
 
             if let Some((grad, grad_class_stride)) = &self.grad {
-                let grad_offset =
-                    chunk.offsets[GRAD] + p as isize * self.geometry.inner_stride(GRAD);
-                for (c, (&e, &w)) in row.iter().zip(&k.weights).enumerate() {
-                    let mut g = e * scale - smoothing * w;
-                    if c as i64 == label {
-                        g = g - target_term;
+                let offset = chunk.offsets[GRAD] + p as isize * self.geometry.inner_stride(GRAD);
+                let value = |c: usize| row[c] * scale - smoothing * k.weights[c];
+                if *grad_class_stride == 1 {
+                    // SAFETY: this row belongs to this chunk alone, the gradient tensor does
+                    // not overlap itself, and the slice dies at the end of this block.
+                    let out = unsafe { grad.slice_mut(offset, num_classes) };
+                    for (c, g) in out.iter_mut().enumerate() {
+                        *g = T::from_acc(value(c));
                     }
-                    let offset = grad_offset + c as isize * grad_class_stride;
-                    // SAFETY: this row belongs to this chunk alone and the gradient tensor
-                    // does not overlap itself.
-                    unsafe { grad.put(offset, T::from_acc(g)) }
+                } else {
+                    for c in 0..num_classes {
+                        // SAFETY: as above, one element at a time.
+                        unsafe {
+                            grad.put(offset + c as isize * grad_class_stride, T::from_acc(value(c)))
+                        }
+                    }
+                }
+                if !ignored {
+                    let y = label as usize;
+                    // SAFETY: as above.
+                    unsafe {
+                        grad.put(
+                            offset + y as isize * grad_class_stride,
+                            T::from_acc(value(y) - target_term),
+                        )
+                    }
                 }
             }
         }
         sum
     }
 
-    /// Blocks of contiguous positions, all classes of a block through the buffer at once.
-    fn spatial_chunk(
+    /// Blocks of positions, all classes of a block through the buffer at once, laid out
+    /// class-major so that every step vectorises along the positions. Serves NCHW (positions
+    /// contiguous) and rows of few classes (gathered, then scattered back).
+    #[inline(always)]
+    fn block_chunk(
         &self,
         chunk: &Chunk,
         k: &Coefficients<T::Acc>,
-        buffer: &mut Vec<T::Acc>,
+        scratch: &mut Scratch<T::Acc>,
     ) -> f64 {
         let num_classes = k.weights.len();
-        let block = (BLOCK_LOGITS / num_classes).min(chunk.len);
-        let class_stride = self.logits_class_stride;
-        buffer.resize(num_classes * block + 4 * block, T::Acc::ZERO);
-        let (values, scratch) = buffer.split_at_mut(num_classes * block);
-        let (max, rest) = scratch.split_at_mut(block);
-        let (total, rest) = rest.split_at_mut(block);
-        let (scale, rest) = rest.split_at_mut(block);
-        let (smoothing, _) = rest.split_at_mut(block);
-        let mut labels = vec![0i64; block];
+        let block = (BLOCK_LOGITS / num_classes).min(chunk.len).max(1);
+        let smoothing_on = self.label_smoothing != 0.0;
+        let zero = T::Acc::ZERO;
+
+        scratch.values.resize(num_classes * block, zero);
+        scratch.per_position.resize(PER_POSITION_ARRAYS * block, zero);
+        scratch.labels.resize(block, 0);
+        let values = &mut scratch.values[..];
+        let labels = &mut scratch.labels[..];
+        let mut arrays = scratch.per_position.chunks_exact_mut(block);
+        let mut next = || arrays.next().expect("PER_POSITION_ARRAYS arrays");
+        let (max, total, shift, target_shift) = (next(), next(), next(), next());
+        let (target_weight, valid, loss, scale) = (next(), next(), next(), next());
+        let (smoothing, target_term, upstream) = (next(), next(), next());
         let mut sum = 0.0f64;
 
         let mut start = 0;
         while start < chunk.len {
             let len = block.min(chunk.len - start);
-            let base = chunk.offsets[LOGITS] + start as isize;
-            for (p, label) in labels[..len].iter_mut().enumerate() {
-                *label = self.label_at(chunk, start + p);
-            }
+            let next_len = block.min(chunk.len - start - len);
 
-            max[..len].fill(T::Acc::NEG_INFINITY);
-            for c in 0..num_classes {
-                let row = &mut values[c * block..c * block + len];
-                let source = self.logits.slice(base + c as isize * class_stride, len);
-                for ((slot, x), m) in row.iter_mut().zip(source).zip(max[..len].iter_mut()) {
-                    *slot = x.to_acc();
-                    *m = m.max(*slot);
-                }
+            for p in 0..len {
+                let label = self.label_at(chunk, start + p);
+                labels[p] = label;
+                let ignored = label == self.ignore_index;
+                valid[p] = if ignored { zero } else { T::Acc::ONE };
+                target_weight[p] = if ignored { zero } else { k.weights[label as usize] };
             }
-
+            self.load_block(chunk, start, len, next_len, block, values, &mut max[..len]);
+            for p in 0..len {
+                let label = labels[p];
+                target_shift[p] = if label == self.ignore_index {
+                    zero
+                } else {
+                    values[label as usize * block + p] - max[p]
+                };
+            }
             // Label smoothing needs sum_c w_c (x_c - max) before the exponentials replace x.
-            scale[..len].fill(T::Acc::ZERO);
-            if self.label_smoothing != 0.0 {
+            if smoothing_on {
+                shift[..len].fill(zero);
                 for (c, &w) in k.weights.iter().enumerate() {
                     let row = &values[c * block..c * block + len];
-                    for ((acc, &x), &m) in scale[..len].iter_mut().zip(row).zip(&max[..len]) {
+                    for ((acc, &x), &m) in shift[..len].iter_mut().zip(row).zip(&max[..len]) {
                         *acc = *acc + w * (x - m);
                     }
                 }
             }
-
-            total[..len].fill(T::Acc::ZERO);
+            total[..len].fill(zero);
             for c in 0..num_classes {
                 let row = &mut values[c * block..c * block + len];
                 for ((x, &m), t) in row.iter_mut().zip(&max[..len]).zip(total[..len].iter_mut()) {
@@ -300,69 +419,70 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
                 }
             }
 
-            for p in 0..len {
-                let label = labels[p];
-                if label == self.ignore_index {
-                    // Gradient 0 * softmax: NaN where the softmax is, as in PyTorch.
-                    self.store_loss(chunk, start + p, T::Acc::ZERO);
-                    scale[p] = T::Acc::ZERO / total[p];
-                    smoothing[p] = T::Acc::ZERO;
-                    continue;
+            // The loss of each position; an ignored one has loss 0 whatever its logits.
+            let per_position = loss[..len].iter_mut().zip(&total[..len]).zip(&target_shift[..len]);
+            let weighted = target_weight[..len].iter().zip(&valid[..len]).zip(&shift[..len]);
+            for (((l, &t), &ty), ((&w_y, &v), &sh)) in per_position.zip(weighted) {
+                let log_total = t.ln();
+                let mut value = k.keep * w_y * (log_total - ty);
+                if smoothing_on {
+                    value = value + k.spread * (k.weight_total * log_total - sh);
                 }
-                let y = label as usize;
-                let shifted_target =
-                    self.logits.get(base + y as isize * class_stride + p as isize).to_acc()
-                        - max[p];
-                let log_total = total[p].ln();
-                let w_y = k.weights[y];
-                let loss = k.keep * w_y * (log_total - shifted_target)
-                    + k.spread * (k.weight_total * log_total - scale[p]);
-                self.store_loss(chunk, start + p, loss);
-                sum += loss.to_f64();
-
-                let coefficient = self.upstream_at(chunk, start + p);
-                scale[p] = coefficient * (k.keep * w_y + k.spread * k.weight_total) / total[p];
-                smoothing[p] = coefficient * k.spread;
+                *l = if v > zero { value } else { zero };
+            }
+            for (p, &l) in loss[..len].iter().enumerate() {
+                sum += l.to_f64();
+                self.store_loss(chunk, start + p, l);
             }
 
             if let Some((grad, grad_class_stride)) = &self.grad {
-                let position_stride = self.geometry.inner_stride(GRAD);
-                let grad_base = chunk.offsets[GRAD] + start as isize * position_stride;
-                for (c, &w) in k.weights.iter().enumerate() {
-                    let row = &values[c * block..c * block + len];
-                    let offset = grad_base + c as isize * grad_class_stride;
-                    let value = |p: usize| row[p] * scale[p] - smoothing[p] * w;
-                    if position_stride == 1 {
-                        // SAFETY: these positions belong to this chunk alone, the gradient
-                        // tensor does not overlap itself, and the slice dies in this block.
-                        let out = unsafe { grad.slice_mut(offset, len) };
-                        for (p, g) in out.iter_mut().enumerate() {
-                            *g = T::from_acc(value(p));
-                        }
-                    } else {
-                        for p in 0..len {
-                            // SAFETY: as above, one element at a time.
-                            unsafe {
-                                grad.put(
-                                    offset + p as isize * position_stride,
-                                    T::from_acc(value(p)),
-                                )
-                            }
-                        }
-                    }
+                for (p, u) in upstream[..len].iter_mut().enumerate() {
+                    *u = self.upstream_at(chunk, start + p);
                 }
+                // Gradient factors; an ignored position gets 0 * softmax, which is NaN where
+                // the softmax is, as in PyTorch.
+                let factors = scale[..len].iter_mut().zip(smoothing[..len].iter_mut());
+                let inputs = total[..len].iter().zip(&target_weight[..len]).zip(&valid[..len]);
+                for (((s, sm), tt), (((&t, &w_y), &v), &u)) in
+                    factors.zip(target_term[..len].iter_mut()).zip(inputs.zip(&upstream[..len]))
+                {
+                    let valid_position = v > zero;
+                    let factor = if valid_position {
+                        u * (k.keep * w_y + k.spread * k.weight_total)
+                    } else {
+                        zero
+                    };
+                    *s = factor / t;
+                    *sm = if valid_position { u * k.spread } else { zero };
+                    *tt = u * k.keep * w_y;
+                }
+                let shape = BlockShape { start, len, block };
+                self.store_block_grad(
+                    chunk,
+                    shape,
+                    grad,
+                    *grad_class_stride,
+                    values,
+                    scale,
+                    smoothing,
+                    smoothing_on,
+                    k,
+                );
+                let grad_position_stride = self.geometry.inner_stride(GRAD);
+                let grad_base = chunk.offsets[GRAD] + start as isize * grad_position_stride;
                 for (p, &label) in labels[..len].iter().enumerate() {
                     if label == self.ignore_index {
                         continue;
                     }
                     let y = label as usize;
-                    let coefficient = self.upstream_at(chunk, start + p);
                     let g = values[y * block + p] * scale[p]
                         - smoothing[p] * k.weights[y]
-                        - coefficient * k.keep * k.weights[y];
-                    let offset =
-                        grad_base + y as isize * grad_class_stride + p as isize * position_stride;
-                    // SAFETY: as above.
+                        - target_term[p];
+                    let offset = grad_base
+                        + y as isize * grad_class_stride
+                        + p as isize * grad_position_stride;
+                    // SAFETY: these positions belong to this chunk alone and the gradient
+                    // tensor does not overlap itself.
                     unsafe { grad.put(offset, T::from_acc(g)) }
                 }
             }
@@ -370,4 +490,197 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         }
         sum
     }
+
+    /// Loads `len` positions from `start` into `values`, class-major with row length `block`,
+    /// converting to the computation's precision, and their maxima into `max`. NCHW planes are
+    /// far apart, more streams than the hardware prefetcher follows, so the next block's
+    /// `next_len` positions are requested explicitly.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn load_block(
+        &self,
+        chunk: &Chunk,
+        start: usize,
+        len: usize,
+        next_len: usize,
+        block: usize,
+        values: &mut [T::Acc],
+        max: &mut [T::Acc],
+    ) {
+        let num_classes = self.weights.len();
+        let class_stride = self.logits_class_stride;
+        let position_stride = self.geometry.inner_stride(LOGITS);
+        let base = chunk.offsets[LOGITS] + start as isize * position_stride;
+        max.fill(T::Acc::NEG_INFINITY);
+        if position_stride == 1 {
+            let next = base + len as isize;
+            for c in 0..num_classes {
+                let plane = c as isize * class_stride;
+                for line in (0..next_len).step_by(CACHE_LINE / std::mem::size_of::<T>()) {
+                    self.logits.prefetch(next + plane + line as isize);
+                }
+                let source = self.logits.slice(base + plane, len);
+                let row = &mut values[c * block..c * block + len];
+                for ((slot, x), m) in row.iter_mut().zip(source).zip(max.iter_mut()) {
+                    *slot = x.to_acc();
+                    *m = m.larger(*slot);
+                }
+            }
+            return;
+        }
+        if class_stride == 1 {
+            for p in 0..len {
+                let row = self.logits.slice(base + p as isize * position_stride, num_classes);
+                for (c, x) in row.iter().enumerate() {
+                    values[c * block + p] = x.to_acc();
+                }
+            }
+        } else {
+            for c in 0..num_classes {
+                for p in 0..len {
+                    let offset = base + c as isize * class_stride + p as isize * position_stride;
+                    values[c * block + p] = self.logits.get(offset).to_acc();
+                }
+            }
+        }
+        for c in 0..num_classes {
+            for (m, &x) in max.iter_mut().zip(&values[c * block..c * block + len]) {
+                *m = m.larger(x);
+            }
+        }
+    }
+
+    /// Writes `values * scale - smoothing * w` for every class and position of a block (the
+    /// target classes are corrected afterwards).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn store_block_grad(
+        &self,
+        chunk: &Chunk,
+        shape: BlockShape,
+        grad: &Sink<'a, T>,
+        grad_class_stride: isize,
+        values: &[T::Acc],
+        scale: &[T::Acc],
+        smoothing: &[T::Acc],
+        smoothing_on: bool,
+        k: &Coefficients<T::Acc>,
+    ) {
+        let BlockShape { start, len, block } = shape;
+        let grad_position_stride = self.geometry.inner_stride(GRAD);
+        let grad_base = chunk.offsets[GRAD] + start as isize * grad_position_stride;
+        let value = |c: usize, p: usize| {
+            let g = values[c * block + p] * scale[p];
+            if smoothing_on {
+                g - smoothing[p] * k.weights[c]
+            } else {
+                g
+            }
+        };
+        if grad_position_stride == 1 {
+            for (c, &w) in k.weights.iter().enumerate() {
+                let offset = grad_base + c as isize * grad_class_stride;
+                // SAFETY: these positions belong to this chunk alone, the gradient tensor does
+                // not overlap itself, and the slice dies in this loop.
+                let out = unsafe { grad.slice_mut(offset, len) };
+                let row = &values[c * block..c * block + len];
+                if smoothing_on {
+                    let factors = scale[..len].iter().zip(&smoothing[..len]);
+                    for ((g, &e), (&s, &m)) in out.iter_mut().zip(row).zip(factors) {
+                        *g = T::from_acc(e * s - m * w);
+                    }
+                } else {
+                    for ((g, &e), &s) in out.iter_mut().zip(row).zip(&scale[..len]) {
+                        *g = T::from_acc(e * s);
+                    }
+                }
+            }
+        } else if grad_class_stride == 1 {
+            for p in 0..len {
+                let offset = grad_base + p as isize * grad_position_stride;
+                // SAFETY: as above, one row at a time.
+                let out = unsafe { grad.slice_mut(offset, self.weights.len()) };
+                for (c, g) in out.iter_mut().enumerate() {
+                    *g = T::from_acc(value(c, p));
+                }
+            }
+        } else {
+            for c in 0..self.weights.len() {
+                for p in 0..len {
+                    let offset = grad_base
+                        + c as isize * grad_class_stride
+                        + p as isize * grad_position_stride;
+                    // SAFETY: as above, one element at a time.
+                    unsafe { grad.put(offset, T::from_acc(value(c, p))) }
+                }
+            }
+        }
+    }
+}
+
+/// Where a block lies in its chunk: first position, number of positions, row length.
+#[derive(Clone, Copy)]
+struct BlockShape {
+    start: usize,
+    len: usize,
+    block: usize,
+}
+
+/// Number of per-position arrays of the block kernel.
+const PER_POSITION_ARRAYS: usize = 11;
+
+/// The largest element (NaN-ignoring), over `LANES` accumulators.
+#[inline(always)]
+fn lane_max<A: Real>(values: &[A]) -> A {
+    let mut lanes = [A::NEG_INFINITY; LANES];
+    let mut groups = values.chunks_exact(LANES);
+    for group in &mut groups {
+        for (lane, &x) in lanes.iter_mut().zip(group) {
+            *lane = lane.larger(x);
+        }
+    }
+    let tail = groups.remainder().iter().fold(A::NEG_INFINITY, |m, &x| m.larger(x));
+    lanes.iter().fold(tail, |m, &x| m.larger(x))
+}
+
+/// Sum over the lanes in a fixed order: lane 0 first, then the tail.
+#[inline(always)]
+fn lane_total<A: Real>(lanes: &[A; LANES], tail: A) -> A {
+    lanes.iter().fold(A::ZERO, |s, &x| s + x) + tail
+}
+
+/// sum_c w_c (x_c - max), over `LANES` accumulators.
+#[inline(always)]
+fn lane_dot_shifted<A: Real>(values: &[A], weights: &[A], max: A) -> A {
+    let mut lanes = [A::ZERO; LANES];
+    let mut groups = values.chunks_exact(LANES);
+    let mut weight_groups = weights.chunks_exact(LANES);
+    for (group, weight_group) in (&mut groups).zip(&mut weight_groups) {
+        for ((lane, &x), &w) in lanes.iter_mut().zip(group).zip(weight_group) {
+            *lane = *lane + w * (x - max);
+        }
+    }
+    let tail = groups
+        .remainder()
+        .iter()
+        .zip(weight_groups.remainder())
+        .fold(A::ZERO, |s, (&x, &w)| s + w * (x - max));
+    lane_total(&lanes, tail)
+}
+
+/// Replaces each x by e^(x - max) and returns their sum, over `LANES` accumulators.
+#[inline(always)]
+fn exp_shifted_in_place<A: Real>(values: &mut [A], max: A) -> A {
+    for x in values.iter_mut() {
+        *x = (*x - max).exp();
+    }
+    let mut lanes = [A::ZERO; LANES];
+    let mut groups = values.chunks_exact(LANES);
+    for group in &mut groups {
+        for (lane, &x) in lanes.iter_mut().zip(group) {
+            *lane = *lane + x;
+        }
+    }
+    let tail = groups.remainder().iter().fold(A::ZERO, |s, &x| s + x);
+    lane_total(&lanes, tail)
 }

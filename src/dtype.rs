@@ -82,9 +82,10 @@ pub trait Real:
     const NEG_INFINITY: Self;
     fn from_f64(value: f64) -> Self;
     fn to_f64(self) -> f64;
-    /// The larger of two values, NaN-ignoring like `f32::max`; a NaN in a row still reaches the
-    /// loss through the sum of exponentials.
-    fn max(self, other: Self) -> Self;
+    /// `candidate` if it is larger than `self`, else `self`: a running maximum that skips a NaN
+    /// candidate (a NaN in a row still reaches the loss through the sum of exponentials). One
+    /// vector instruction on x86.
+    fn larger(self, candidate: Self) -> Self;
     /// e^x for x <= 0 as the softmax uses it (also exact enough for any x), vectorisable.
     fn exp(self) -> Self;
     fn ln(self) -> Self;
@@ -106,8 +107,12 @@ impl Real for f32 {
         self as f64
     }
     #[inline(always)]
-    fn max(self, other: Self) -> Self {
-        f32::max(self, other)
+    fn larger(self, candidate: Self) -> Self {
+        if candidate > self {
+            candidate
+        } else {
+            self
+        }
     }
     #[inline(always)]
     fn exp(self) -> Self {
@@ -115,7 +120,7 @@ impl Real for f32 {
     }
     #[inline(always)]
     fn ln(self) -> Self {
-        f32::ln(self)
+        crate::math::ln_f32(self)
     }
 }
 
@@ -132,8 +137,12 @@ impl Real for f64 {
         self
     }
     #[inline(always)]
-    fn max(self, other: Self) -> Self {
-        f64::max(self, other)
+    fn larger(self, candidate: Self) -> Self {
+        if candidate > self {
+            candidate
+        } else {
+            self
+        }
     }
     #[inline(always)]
     fn exp(self) -> Self {

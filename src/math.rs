@@ -45,6 +45,51 @@ pub fn exp_f32(x: f32) -> f32 {
     }
 }
 
+/// ln(x) in float32: x = m 2^e with m in [sqrt(1/2), sqrt(2)), and a degree-9 polynomial for
+/// ln(m) (Cephes' coefficients), plus e ln 2 in two parts.
+///
+/// Within two ulps for positive normal x; 0 gives -infinity, infinity gives infinity, and
+/// negative numbers and NaN give NaN. Subnormal inputs are not accurate; the softmax only takes
+/// the logarithm of a sum of exponentials, which is at least 1.
+#[inline(always)]
+pub fn ln_f32(x: f32) -> f32 {
+    const SQRT_HALF: f32 = std::f32::consts::FRAC_1_SQRT_2;
+    const LN2_HIGH: f32 = 0.693_359_4;
+    const LN2_LOW: f32 = -2.121_944_4e-4;
+
+    let bits = x.to_bits();
+    let exponent = ((bits >> 23) & 0xff) as i32 - 126;
+    let mantissa = f32::from_bits((bits & 0x007f_ffff) | 0x3f00_0000);
+    let (e, m) = if mantissa < SQRT_HALF {
+        ((exponent - 1) as f32, mantissa + mantissa - 1.0)
+    } else {
+        (exponent as f32, mantissa - 1.0)
+    };
+
+    let z = m * m;
+    let mut p = 7.037_683_6e-2f32;
+    p = p * m - 1.151_461e-1;
+    p = p * m + 1.167_699_9e-1;
+    p = p * m - 1.242_014_1e-1;
+    p = p * m + 1.424_932_3e-1;
+    p = p * m - 1.666_805_8e-1;
+    p = p * m + 2.000_071_4e-1;
+    p = p * m - 2.499_999_4e-1;
+    p = p * m + 3.333_333e-1;
+    let y = p * m * z + e * LN2_LOW - 0.5 * z;
+    let value = m + y + e * LN2_HIGH;
+
+    if x.is_nan() || x < 0.0 {
+        f32::NAN
+    } else if x == 0.0 {
+        f32::NEG_INFINITY
+    } else if x == f32::INFINITY {
+        f32::INFINITY
+    } else {
+        value
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,6 +108,27 @@ mod tests {
             x += 0.000_731;
         }
         assert!(worst <= 2, "worst error {worst} ulps");
+    }
+
+    #[test]
+    fn ln_is_within_two_ulps_over_sums_of_exponentials() {
+        let mut x = 1.0e-30f32;
+        let mut worst = 0;
+        while x < 1.0e30 {
+            let expected = (x as f64).ln() as f32;
+            worst = worst.max(ulps(ln_f32(x), expected));
+            x *= 1.000_37;
+        }
+        assert!(worst <= 2, "worst error {worst} ulps");
+    }
+
+    #[test]
+    fn ln_edges() {
+        assert_eq!(ln_f32(1.0), 0.0);
+        assert_eq!(ln_f32(0.0), f32::NEG_INFINITY);
+        assert_eq!(ln_f32(f32::INFINITY), f32::INFINITY);
+        assert!(ln_f32(-1.0).is_nan());
+        assert!(ln_f32(f32::NAN).is_nan());
     }
 
     #[test]

@@ -71,6 +71,25 @@ impl<'a, T: Copy> Source<'a, T> {
     }
 }
 
+impl<T> Source<'_, T> {
+    /// Asks the CPU to start loading the cache line of the element at `offset` (a hint: any
+    /// offset is allowed, nothing is read).
+    #[inline(always)]
+    pub(crate) fn prefetch(&self, offset: isize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let address = self.ptr.wrapping_offset(offset).cast::<i8>();
+            // SAFETY: a prefetch is a hint that never faults, whatever the address; SSE is
+            // part of every x86_64 CPU.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(address)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = offset;
+    }
+}
+
 /// Write access to the elements of a mutable view, by element offset from its first element.
 pub(crate) struct Sink<'a, T> {
     ptr: *mut T,
