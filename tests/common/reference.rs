@@ -169,9 +169,14 @@ impl Problem {
                 return 0.0;
             }
             let lp = Self::log_softmax(&self.row(position.slice()));
+            let target_term = (1.0 - eps) * self.weights[label as usize] * -lp[label as usize];
+            if eps == 0.0 {
+                // PyTorch computes no smoothing term then, so a -inf logit of another class
+                // (-lp = inf) does not turn the loss into 0 * inf = NaN.
+                return target_term;
+            }
             let smooth: f64 = self.weights.iter().zip(&lp).map(|(w, l)| w * -l).sum();
-            (1.0 - eps) * self.weights[label as usize] * -lp[label as usize]
-                + eps / num_classes * smooth
+            target_term + eps / num_classes * smooth
         })
     }
 
@@ -207,7 +212,7 @@ impl Problem {
 
     /// The analytic gradient of sum_i upstream_i * loss_i with respect to the logits:
     /// d loss_i / d x_c = s_c ((1 - eps) w[y] + (eps / C) W) - (1 - eps) w[y] [c = y]
-    /// - (eps / C) w[c], with s the softmax and W the sum of the weights; 0 where ignored.
+    /// - (eps / C) w[c], with s the softmax and W the sum of the weights; 0 * s where ignored.
     pub fn gradient(&self, upstream: &ArrayD<f64>) -> ArrayD<f64> {
         let eps = self.label_smoothing;
         let num_classes = self.weights.len();
@@ -217,12 +222,18 @@ impl Problem {
         let mut grad = ArrayD::zeros(self.logits.raw_dim());
         for position in positions(self.labels.shape()) {
             let label = self.labels[IxDyn(&position)];
+            let lp = Self::log_softmax(&self.row(&position));
             if label == self.ignore_index {
+                // PyTorch back-propagates 0 into the ignored row's log_softmax, whose backward
+                // then gives 0 - softmax * 0: NaN where the row's softmax is NaN (a NaN or +inf
+                // logit), 0 elsewhere, whatever the upstream gradient.
+                for (c, l) in lp.iter().enumerate() {
+                    grad[IxDyn(&logit_index(&position, c, rank))] = 0.0 * l.exp();
+                }
                 continue;
             }
             let y = label as usize;
             let u = upstream[IxDyn(&position)];
-            let lp = Self::log_softmax(&self.row(&position));
             for (c, l) in lp.iter().enumerate() {
                 let s = l.exp();
                 let mut g = s * ((1.0 - eps) * self.weights[y] + spread * weight_total)
