@@ -1,8 +1,12 @@
 //! Generates the C header from the C-facing sources into OUT_DIR (`cbce.h`). The committed
 //! `include/cbce.h` is checked against it by `tests/header.rs`.
+//! With the `cuda` feature, also compiles the kernels of `kernels/` (see kernels/compile.rs).
 
 use std::env;
 use std::path::PathBuf;
+
+#[path = "kernels/compile.rs"]
+mod kernels;
 
 /// Sources cbindgen reads: the exported functions and types, and the status enum.
 const HEADER_SOURCES: &[&str] = &["src/ffi/api.rs", "src/ffi/types.rs", "src/error.rs"];
@@ -16,6 +20,7 @@ fn main() {
     }
 
     generate_header(&manifest_dir, &out_dir.join("cbce.h"));
+    kernels::build_if_enabled(&manifest_dir, &out_dir);
     link_soname();
 }
 

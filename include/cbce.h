@@ -140,7 +140,8 @@ typedef enum CbceStatus {
 } CbceStatus;
 
 /**
- * An opaque loss object: configuration and running class prevalences.
+ * An opaque loss object: configuration and running class prevalences, on the CPU or on a
+ * CUDA device.
  *
  * Made by `cbce_new`, released by `cbce_free`. Safe to share between threads.
  */
@@ -291,7 +292,8 @@ const char *cbce_status_string(int32_t status);
 const char *cbce_last_error_message(void);
 
 /**
- * 1 if this build has the CUDA path and a CUDA device is usable, 0 otherwise.
+ * 1 if this build has the CUDA path and a CUDA device is usable (the driver, libcuda.so.1,
+ * loads and reports at least one device), 0 otherwise. Any thread may call it.
  */
 int32_t cbce_cuda_available(void);
 
@@ -313,9 +315,15 @@ struct CbceForwardOptions cbce_forward_options_default(void);
  * `config` and `out` must not be NULL. `*out` is written only on success, and the caller then
  * owns the handle and releases it with `cbce_free`.
  *
+ * With `config->device` `{CBCE_DEVICE_CUDA, ordinal}` the handle computes on that CUDA device,
+ * in its primary context (the one PyTorch uses), keeps its state in device memory and
+ * enqueues its work on the stream given by `cbce_set_stream` (the legacy default stream until
+ * then); see `cbce_set_stream` for what waits for the device.
+ *
  * Statuses: NULL_POINTER; INVALID_CONFIG (num_classes not in [1, 2^24], ema_decay not in
- * [0, 1], min_prevalence not in [0, 1), unknown device type); UNSUPPORTED (a CUDA device in a
- * build without CUDA).
+ * [0, 1], min_prevalence not in [0, 1), unknown device type, a CUDA ordinal the machine does
+ * not have); UNSUPPORTED (a CUDA device in a build without CUDA, or no usable driver);
+ * CUDA_ERROR (the driver failed, for example out of device memory).
  *
  * # Safety
  * Non-NULL pointers must point to valid objects of their types.
@@ -325,7 +333,7 @@ enum CbceStatus cbce_new(const struct CbceConfig *config,
 
 /**
  * Releases a loss made by `cbce_new`. NULL does nothing. The handle must not be used again,
- * and no other thread may be using it.
+ * and no other thread may be using it. A CUDA handle first waits for the work it enqueued.
  *
  * # Safety
  * `loss` is NULL or a handle from `cbce_new` that was not freed yet.
@@ -434,6 +442,12 @@ enum CbceStatus cbce_weights(const struct CbceLoss *loss,
  * ignore index fails with LABEL_OUT_OF_RANGE and leaves the state as it was. Outputs must not
  * overlap inputs.
  *
+ * On a CUDA handle the tensors are memory of the handle's device (or managed memory), and
+ * the call only enqueues its work on the handle's stream, unless `weights_used` or
+ * `weight_sum` (host memory) is given: then it waits for the device to write them, and
+ * reports its own bad label. Otherwise a bad label is reported by the next call that waits
+ * (see `cbce_set_stream`).
+ *
  * Statuses: NULL_POINTER; INVALID_ARGUMENT (reduction code, update flag, label smoothing,
  * grad_scale); UNSUPPORTED_DTYPE; SHAPE_MISMATCH; INVALID_LAYOUT; LABEL_OUT_OF_RANGE;
  * BUFFER_LENGTH; DEVICE_MISMATCH.
@@ -458,6 +472,9 @@ enum CbceStatus cbce_forward(const struct CbceLoss *loss,
  * `weights` (`weights_len` = C floats) that the forward call used, into `grad` (the logits'
  * shape and dtype). `options` gives reduction, ignore index and label smoothing; NULL means
  * the defaults. The state is not read or changed.
+ *
+ * On a CUDA handle the tensors are device memory as for `cbce_forward`, `weights` is host
+ * memory (copied in stream order, so it may be reused at once), and the call only enqueues.
  *
  * Statuses: as `cbce_forward`, and INVALID_ARGUMENT for a weight that is not finite.
  *
@@ -522,6 +539,41 @@ enum CbceStatus cbce_set_state(const struct CbceLoss *loss,
  * Non-NULL pointers must point to valid objects of their types.
  */
 enum CbceStatus cbce_reset(const struct CbceLoss *loss);
+
+/**
+ * Sets the CUDA stream on which a CUDA handle enqueues its work from now on: a `CUstream` or
+ * `cudaStream_t` (PyTorch: `torch.cuda.current_stream().cuda_stream`), or NULL for the legacy
+ * default stream. Work already enqueued on the previous stream is ordered before the new
+ * stream's, without waiting on the host. The stream must stay valid while it is the handle's;
+ * set another (or NULL) before destroying it.
+ *
+ * On a CUDA handle, every call only enqueues work and returns, except those that hand results
+ * to the host, which wait for the handle's work: `cbce_prevalences`, `cbce_weights`,
+ * `cbce_get_state`, `cbce_class_counts`, `cbce_synchronize`, and `cbce_forward` when
+ * `weights_used` or `weight_sum` is given. A label outside [0, C) is found on the device: the
+ * call that had it leaves the state unchanged and writes NaN into its loss and gradient, and
+ * the next waiting call returns LABEL_OUT_OF_RANGE with that label and position instead of
+ * its own results (once; the call after it succeeds).
+ *
+ * Statuses: NULL_POINTER (`loss`); UNSUPPORTED (a CPU handle); CUDA_ERROR.
+ *
+ * # Safety
+ * `loss` must be a valid handle, and `stream` NULL or a live stream of the handle's device.
+ */
+enum CbceStatus cbce_set_stream(const struct CbceLoss *loss,
+                                void *stream);
+
+/**
+ * Waits until the work a CUDA handle enqueued has finished, and reports a label outside
+ * [0, C) found since the last wait (see `cbce_set_stream`). On a CPU handle nothing is ever
+ * pending, and it returns OK.
+ *
+ * Statuses: NULL_POINTER; LABEL_OUT_OF_RANGE; CUDA_ERROR.
+ *
+ * # Safety
+ * `loss` must be a valid handle.
+ */
+enum CbceStatus cbce_synchronize(const struct CbceLoss *loss);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -64,6 +64,12 @@ impl Geometry {
         Geometry { dims, strides: merged }
     }
 
+    /// The merged axes, outermost first, and each operand's strides along them.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn axes(&self) -> (&[usize], &[Vec<isize>; OPERANDS]) {
+        (&self.dims, &self.strides)
+    }
+
     /// Number of positions.
     pub(crate) fn positions(&self) -> usize {
         self.dims.iter().product()

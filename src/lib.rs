@@ -8,6 +8,8 @@
 
 mod config;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod dtype;
 mod error;
 pub mod ffi;

@@ -11,11 +11,46 @@ use crate::loss::{backward_into, ClassBalancedLoss, ForwardOptions, ForwardSumma
 use half::{bf16, f16};
 use std::ffi::c_char;
 
-/// An opaque loss object: configuration and running class prevalences.
+/// An opaque loss object: configuration and running class prevalences, on the CPU or on a
+/// CUDA device.
 ///
 /// Made by `cbce_new`, released by `cbce_free`. Safe to share between threads.
 pub struct CbceLoss {
-    loss: ClassBalancedLoss,
+    backend: Backend,
+}
+
+/// Where a handle computes and keeps its state.
+enum Backend {
+    Cpu(ClassBalancedLoss),
+    /// Boxed: it holds the table of loaded kernels.
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::cuda::CudaLoss>),
+}
+
+impl Backend {
+    fn new(config: Config) -> Result<Backend> {
+        match config.device {
+            Device::Cpu => Ok(Backend::Cpu(ClassBalancedLoss::new(config)?)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => Ok(Backend::Cuda(Box::new(crate::cuda::CudaLoss::new(config)?))),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => {
+                Err(Error::Unsupported("this build of cbce has no cuda support".into()))
+            }
+        }
+    }
+
+    fn config(&self) -> Config {
+        match self {
+            Backend::Cpu(loss) => loss.config(),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(loss) => loss.config(),
+        }
+    }
+
+    fn num_classes(&self) -> usize {
+        self.config().num_classes
+    }
 }
 
 /// The version of the library, for example "0.1.0": a static string, never freed.
@@ -63,10 +98,16 @@ pub extern "C" fn cbce_last_error_message() -> *const c_char {
     boundary::value(std::ptr::null(), boundary::last_error)
 }
 
-/// 1 if this build has the CUDA path and a CUDA device is usable, 0 otherwise.
+/// 1 if this build has the CUDA path and a CUDA device is usable (the driver, libcuda.so.1,
+/// loads and reports at least one device), 0 otherwise. Any thread may call it.
 #[no_mangle]
 pub extern "C" fn cbce_cuda_available() -> i32 {
-    boundary::value(0, || 0)
+    boundary::value(0, || {
+        #[cfg(feature = "cuda")]
+        return i32::from(crate::cuda::available());
+        #[cfg(not(feature = "cuda"))]
+        0
+    })
 }
 
 /// The default configuration: num_classes 0 (set it), ema_decay 0.99, min_prevalence 0, on
@@ -103,9 +144,15 @@ const DEFAULT_OPTIONS: CbceForwardOptions = CbceForwardOptions {
 /// `config` and `out` must not be NULL. `*out` is written only on success, and the caller then
 /// owns the handle and releases it with `cbce_free`.
 ///
+/// With `config->device` `{CBCE_DEVICE_CUDA, ordinal}` the handle computes on that CUDA device,
+/// in its primary context (the one PyTorch uses), keeps its state in device memory and
+/// enqueues its work on the stream given by `cbce_set_stream` (the legacy default stream until
+/// then); see `cbce_set_stream` for what waits for the device.
+///
 /// Statuses: NULL_POINTER; INVALID_CONFIG (num_classes not in [1, 2^24], ema_decay not in
-/// [0, 1], min_prevalence not in [0, 1), unknown device type); UNSUPPORTED (a CUDA device in a
-/// build without CUDA).
+/// [0, 1], min_prevalence not in [0, 1), unknown device type, a CUDA ordinal the machine does
+/// not have); UNSUPPORTED (a CUDA device in a build without CUDA, or no usable driver);
+/// CUDA_ERROR (the driver failed, for example out of device memory).
 ///
 /// # Safety
 /// Non-NULL pointers must point to valid objects of their types.
@@ -116,15 +163,15 @@ pub unsafe extern "C" fn cbce_new(config: *const CbceConfig, out: *mut *mut Cbce
         let out = ptr::mutable(out, "out")?;
 
         let config = config_from_c(config)?;
-        let loss = ClassBalancedLoss::new(config)?;
+        let backend = Backend::new(config)?;
 
-        *out = ptr::into_raw(CbceLoss { loss });
+        *out = ptr::into_raw(CbceLoss { backend });
         Ok(())
     })
 }
 
 /// Releases a loss made by `cbce_new`. NULL does nothing. The handle must not be used again,
-/// and no other thread may be using it.
+/// and no other thread may be using it. A CUDA handle first waits for the work it enqueued.
 ///
 /// # Safety
 /// `loss` is NULL or a handle from `cbce_new` that was not freed yet.
@@ -145,7 +192,7 @@ pub unsafe extern "C" fn cbce_get_config(loss: *const CbceLoss, out: *mut CbceCo
         let loss = ptr::reference(loss, "loss")?;
         let out = ptr::mutable(out, "out")?;
 
-        let config = loss.loss.config();
+        let config = loss.backend.config();
 
         *out = config_to_c(&config);
         Ok(())
@@ -169,9 +216,11 @@ pub unsafe extern "C" fn cbce_update(
         let loss = ptr::reference(loss, "loss")?;
         let target = Tensor::new(target, "target")?;
 
-        let counts = counts_of(&loss.loss, &target, ignore_index)?;
-
-        loss.loss.update_from_counts(&counts)
+        match &loss.backend {
+            Backend::Cpu(loss) => loss.update_from_counts(&counts_of(loss, &target, ignore_index)?),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(loss) => loss.update(&target, ignore_index),
+        }
     })
 }
 
@@ -195,10 +244,14 @@ pub unsafe extern "C" fn cbce_class_counts(
     boundary::status(|| {
         let loss = ptr::reference(loss, "loss")?;
         let target = Tensor::new(target, "target")?;
-        check_len("counts", len, loss.loss.num_classes())?;
+        check_len("counts", len, loss.backend.num_classes())?;
         let out = ptr::slice_mut(counts, len, "counts")?;
 
-        let tally = counts_of(&loss.loss, &target, ignore_index)?;
+        let tally = match &loss.backend {
+            Backend::Cpu(loss) => counts_of(loss, &target, ignore_index)?,
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(loss) => loss.class_counts(&target, ignore_index)?,
+        };
 
         for (slot, &count) in out.iter_mut().zip(&tally) {
             *slot = count as i64;
@@ -224,7 +277,7 @@ pub unsafe extern "C" fn cbce_update_from_counts(
 ) -> Status {
     boundary::status(|| {
         let loss = ptr::reference(loss, "loss")?;
-        check_len("counts", len, loss.loss.num_classes())?;
+        check_len("counts", len, loss.backend.num_classes())?;
         let counts = ptr::slice(counts, len, "counts")?;
 
         let counts = counts
@@ -237,7 +290,11 @@ pub unsafe extern "C" fn cbce_update_from_counts(
             })
             .collect::<Result<Vec<u64>>>()?;
 
-        loss.loss.update_from_counts(&counts)
+        match &loss.backend {
+            Backend::Cpu(loss) => loss.update_from_counts(&counts),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(loss) => loss.update_from_counts(&counts),
+        }
     })
 }
 
@@ -256,10 +313,15 @@ pub unsafe extern "C" fn cbce_prevalences(
 ) -> Status {
     boundary::status(|| {
         let loss = ptr::reference(loss, "loss")?;
-        check_len("out", len, loss.loss.num_classes())?;
+        check_len("out", len, loss.backend.num_classes())?;
         let out = ptr::slice_mut(out, len, "out")?;
 
-        out.copy_from_slice(&loss.loss.prevalences());
+        let prevalences = match &loss.backend {
+            Backend::Cpu(loss) => loss.prevalences(),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(loss) => loss.prevalences()?,
+        };
+        out.copy_from_slice(&prevalences);
         Ok(())
     })
 }
@@ -275,10 +337,15 @@ pub unsafe extern "C" fn cbce_prevalences(
 pub unsafe extern "C" fn cbce_weights(loss: *const CbceLoss, out: *mut f32, len: usize) -> Status {
     boundary::status(|| {
         let loss = ptr::reference(loss, "loss")?;
-        check_len("out", len, loss.loss.num_classes())?;
+        check_len("out", len, loss.backend.num_classes())?;
         let out = ptr::slice_mut(out, len, "out")?;
 
-        out.copy_from_slice(&loss.loss.weights());
+        let weights = match &loss.backend {
+            Backend::Cpu(loss) => loss.weights(),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(loss) => loss.weights()?,
+        };
+        out.copy_from_slice(&weights);
         Ok(())
     })
 }
@@ -301,6 +368,12 @@ pub unsafe extern "C" fn cbce_weights(loss: *const CbceLoss, out: *mut f32, len:
 /// Every label is checked before anything changes: a label outside [0, C) that is not the
 /// ignore index fails with LABEL_OUT_OF_RANGE and leaves the state as it was. Outputs must not
 /// overlap inputs.
+///
+/// On a CUDA handle the tensors are memory of the handle's device (or managed memory), and
+/// the call only enqueues its work on the handle's stream, unless `weights_used` or
+/// `weight_sum` (host memory) is given: then it waits for the device to write them, and
+/// reports its own bad label. Otherwise a bad label is reported by the next call that waits
+/// (see `cbce_set_stream`).
 ///
 /// Statuses: NULL_POINTER; INVALID_ARGUMENT (reduction code, update flag, label smoothing,
 /// grad_scale); UNSUPPORTED_DTYPE; SHAPE_MISMATCH; INVALID_LAYOUT; LABEL_OUT_OF_RANGE;
@@ -332,20 +405,32 @@ pub unsafe extern "C" fn cbce_forward(
         let weights_out = if weights_used.is_null() {
             None
         } else {
-            check_len("weights_used", weights_used_len, handle.loss.num_classes())?;
+            check_len("weights_used", weights_used_len, handle.backend.num_classes())?;
             Some(ptr::slice_mut(weights_used, weights_used_len, "weights_used")?)
         };
         let weight_sum = (!weight_sum.is_null()).then(|| ptr::mutable(weight_sum, "weight_sum"));
         let weight_sum = weight_sum.transpose()?;
 
-        let summary =
-            forward_dispatch(&handle.loss, &logits, &target, &options, &loss_out, grad.as_ref())?;
+        let (weights_used, sum) = match &handle.backend {
+            Backend::Cpu(loss) => {
+                let summary =
+                    forward_dispatch(loss, &logits, &target, &options, &loss_out, grad.as_ref())?;
+                (summary.weights_used, summary.weight_sum)
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(loss) => {
+                let host = weights_out.is_some() || weight_sum.is_some();
+                let summary =
+                    loss.forward(&logits, &target, &options, &loss_out, grad.as_ref(), host)?;
+                summary.map_or((Vec::new(), f64::NAN), |s| (s.weights_used, s.weight_sum))
+            }
+        };
 
         if let Some(out) = weights_out {
-            out.copy_from_slice(&summary.weights_used);
+            out.copy_from_slice(&weights_used);
         }
         if let Some(out) = weight_sum {
-            *out = summary.weight_sum;
+            *out = sum;
         }
         Ok(())
     })
@@ -356,6 +441,9 @@ pub unsafe extern "C" fn cbce_forward(
 /// `weights` (`weights_len` = C floats) that the forward call used, into `grad` (the logits'
 /// shape and dtype). `options` gives reduction, ignore index and label smoothing; NULL means
 /// the defaults. The state is not read or changed.
+///
+/// On a CUDA handle the tensors are device memory as for `cbce_forward`, `weights` is host
+/// memory (copied in stream order, so it may be reused at once), and the call only enqueues.
 ///
 /// Statuses: as `cbce_forward`, and INVALID_ARGUMENT for a weight that is not finite.
 ///
@@ -379,11 +467,19 @@ pub unsafe extern "C" fn cbce_backward(
         let target = Tensor::new(target, "target")?;
         let options = options_from_c(options)?;
         let grad_loss = Tensor::new(grad_loss, "grad_loss")?;
-        check_len("weights", weights_len, handle.loss.num_classes())?;
+        check_len("weights", weights_len, handle.backend.num_classes())?;
         let weights = ptr::slice(weights, weights_len, "weights")?;
         let grad = Tensor::new(grad, "grad")?;
 
-        backward_dispatch(&logits, &target, &options, &grad_loss, weights, &grad)
+        match &handle.backend {
+            Backend::Cpu(_) => {
+                backward_dispatch(&logits, &target, &options, &grad_loss, weights, &grad)
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(loss) => {
+                loss.backward(&logits, &target, &options, &grad_loss, weights, &grad)
+            }
+        }
     })
 }
 
@@ -399,7 +495,7 @@ pub unsafe extern "C" fn cbce_state_size(loss: *const CbceLoss, out: *mut usize)
         let loss = ptr::reference(loss, "loss")?;
         let out = ptr::mutable(out, "out")?;
 
-        *out = crate::prevalence::Prevalences::encoded_len(loss.loss.num_classes());
+        *out = crate::prevalence::Prevalences::encoded_len(loss.backend.num_classes());
         Ok(())
     })
 }
@@ -421,7 +517,11 @@ pub unsafe extern "C" fn cbce_get_state(
 ) -> Status {
     boundary::status(|| {
         let loss = ptr::reference(loss, "loss")?;
-        let bytes = loss.loss.state_bytes();
+        let bytes = match &loss.backend {
+            Backend::Cpu(loss) => loss.state_bytes(),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(loss) => loss.running_state()?.to_bytes(),
+        };
         if len < bytes.len() {
             return Err(Error::BufferLength { name: "buffer", expected: bytes.len(), actual: len });
         }
@@ -457,7 +557,13 @@ pub unsafe extern "C" fn cbce_set_state(
         }
         let bytes = ptr::slice(buffer, len, "buffer")?;
 
-        loss.loss.restore_state_bytes(bytes)
+        match &loss.backend {
+            Backend::Cpu(loss) => loss.restore_state_bytes(bytes),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(loss) => loss.set_running_state(
+                &crate::prevalence::Prevalences::from_bytes(bytes, loss.num_classes())?,
+            ),
+        }
     })
 }
 
@@ -472,8 +578,74 @@ pub unsafe extern "C" fn cbce_reset(loss: *const CbceLoss) -> Status {
     boundary::status(|| {
         let loss = ptr::reference(loss, "loss")?;
 
-        loss.loss.reset();
-        Ok(())
+        match &loss.backend {
+            Backend::Cpu(loss) => {
+                loss.reset();
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(loss) => loss.reset(),
+        }
+    })
+}
+
+/// Sets the CUDA stream on which a CUDA handle enqueues its work from now on: a `CUstream` or
+/// `cudaStream_t` (PyTorch: `torch.cuda.current_stream().cuda_stream`), or NULL for the legacy
+/// default stream. Work already enqueued on the previous stream is ordered before the new
+/// stream's, without waiting on the host. The stream must stay valid while it is the handle's;
+/// set another (or NULL) before destroying it.
+///
+/// On a CUDA handle, every call only enqueues work and returns, except those that hand results
+/// to the host, which wait for the handle's work: `cbce_prevalences`, `cbce_weights`,
+/// `cbce_get_state`, `cbce_class_counts`, `cbce_synchronize`, and `cbce_forward` when
+/// `weights_used` or `weight_sum` is given. A label outside [0, C) is found on the device: the
+/// call that had it leaves the state unchanged and writes NaN into its loss and gradient, and
+/// the next waiting call returns LABEL_OUT_OF_RANGE with that label and position instead of
+/// its own results (once; the call after it succeeds).
+///
+/// Statuses: NULL_POINTER (`loss`); UNSUPPORTED (a CPU handle); CUDA_ERROR.
+///
+/// # Safety
+/// `loss` must be a valid handle, and `stream` NULL or a live stream of the handle's device.
+#[no_mangle]
+pub unsafe extern "C" fn cbce_set_stream(
+    loss: *const CbceLoss,
+    stream: *mut std::ffi::c_void,
+) -> Status {
+    boundary::status(|| {
+        let loss = ptr::reference(loss, "loss")?;
+
+        match &loss.backend {
+            Backend::Cpu(_) => {
+                let _ = stream;
+                Err(Error::Unsupported(
+                    "streams apply to cuda handles; this one is on the cpu".into(),
+                ))
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(loss) => loss.set_stream(stream as usize),
+        }
+    })
+}
+
+/// Waits until the work a CUDA handle enqueued has finished, and reports a label outside
+/// [0, C) found since the last wait (see `cbce_set_stream`). On a CPU handle nothing is ever
+/// pending, and it returns OK.
+///
+/// Statuses: NULL_POINTER; LABEL_OUT_OF_RANGE; CUDA_ERROR.
+///
+/// # Safety
+/// `loss` must be a valid handle.
+#[no_mangle]
+pub unsafe extern "C" fn cbce_synchronize(loss: *const CbceLoss) -> Status {
+    boundary::status(|| {
+        let loss = ptr::reference(loss, "loss")?;
+
+        match &loss.backend {
+            Backend::Cpu(_) => Ok(()),
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(loss) => loss.synchronize(),
+        }
     })
 }
 
@@ -509,9 +681,6 @@ fn config_from_c(config: &CbceConfig) -> Result<Config> {
         device,
     };
     config.validate()?;
-    if let Device::Cuda(_) = device {
-        return Err(Error::Unsupported("this build of cbce has no cuda support".into()));
-    }
     Ok(config)
 }
 

@@ -14,7 +14,7 @@
 
 mod api;
 mod boundary;
-mod ptr;
+pub(crate) mod ptr;
 mod types;
 
 pub use api::*;

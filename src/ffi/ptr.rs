@@ -217,7 +217,7 @@ impl<'a> Tensor<'a> {
         Ok((lowest, abs_strides, negative))
     }
 
-    fn check_no_self_overlap(&self) -> Result<()> {
+    pub(crate) fn check_no_self_overlap(&self) -> Result<()> {
         let mut axes: Vec<(usize, usize)> = self
             .shape
             .iter()
