@@ -17,3 +17,6 @@ cargo clippy --all-targets --quiet -- -D warnings
 
 step "rust: unit, api, c-abi and reference-vector tests"
 cargo test --quiet
+
+step "reliability: C ABI under sanitizers and valgrind, examples under sanitizers, bounded fuzz"
+scripts/test_reliability.sh

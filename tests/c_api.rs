@@ -990,7 +990,9 @@ fn status_name(status: Status) -> String {
 #[test]
 fn every_documented_status_of_every_function_is_reached() {
     let mut reached: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for case in failure_cases().into_iter().chain(success_cases()) {
+    let cases: Vec<Case> = failure_cases().into_iter().chain(success_cases()).collect();
+    eprintln!("status table: {} cases", cases.len());
+    for case in cases {
         let mut fixture = Fixture::new();
         let before = fixture.snapshot();
         let status = (case.run)(&mut fixture);
@@ -1022,6 +1024,7 @@ fn every_documented_status_of_every_function_is_reached() {
         expected.remove("UNSUPPORTED");
         expected.remove("CUDA_ERROR");
         assert_eq!(got, &expected, "{function}: statuses reached against those documented");
+        eprintln!("status table: {function}: {expected:?}");
     }
     for function in ["cbce_new", "cbce_forward", "cbce_backward", "cbce_set_state"] {
         assert!(documented.contains_key(function), "no Statuses: in the doc of {function}");
