@@ -291,6 +291,14 @@ public:
     /// Forgets every update: all classes unseen.
     void reset() { detail::check(cbce_reset(handle_)); }
 
+    /// For a CUDA handle: enqueue work on `stream` (a CUstream or cudaStream_t; nullptr for the
+    /// legacy default stream) from now on. Throws on a CPU handle (CBCE_STATUS_UNSUPPORTED).
+    void set_stream(void *stream) { detail::check(cbce_set_stream(handle_, stream)); }
+
+    /// Waits for the work a CUDA handle enqueued, and throws the error of a label out of range
+    /// it found. Returns at once on a CPU handle.
+    void synchronize() { detail::check(cbce_synchronize(handle_)); }
+
 #ifdef __cpp_lib_span
     void class_counts(const Tensor &target, std::int64_t ignore_index,
                       std::span<std::int64_t> counts) const {

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use; each capability adds its own here.
-packages=(cmake pkg-config valgrind gcc g++ clang-format)
+packages=(cmake pkg-config valgrind g++ binutils clang-format gcc)
 
 missing=()
 for package in "${packages[@]}"; do

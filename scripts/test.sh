@@ -18,5 +18,8 @@ cargo clippy --all-targets --quiet -- -D warnings
 step "rust: unit, api, c-abi and reference-vector tests"
 cargo test --quiet
 
+step "clients: install, C and C++ examples (CTest, valgrind), pkg-config, Python, Rust examples"
+scripts/test_clients.sh
+
 step "reliability: C ABI under sanitizers and valgrind, examples under sanitizers, bounded fuzz"
 scripts/test_reliability.sh

@@ -105,6 +105,9 @@ void test_errors() {
     EXPECT(std::isnan(loss.prevalences()[1])); // the failed call changed nothing
     EXPECT(value == 0.0f);
 
+    EXPECT_ERROR(CBCE_STATUS_UNSUPPORTED, "", loss.set_stream(nullptr));
+    loss.synchronize(); // nothing is ever pending on a CPU handle
+
     std::vector<float> short_buffer(2);
     EXPECT_ERROR(CBCE_STATUS_BUFFER_LENGTH, "length 2", loss.weights(short_buffer.data(), 2));
     EXPECT_ERROR(CBCE_STATUS_SHAPE_MISMATCH, "",
