@@ -1,9 +1,11 @@
 //! Throughput of the fused forward-plus-gradient pass and of the label update, against a plain
 //! copy of the same bytes measured in the same run.
 //!
-//! Run with `cargo bench --bench throughput` (add `-- --quick` for fewer repetitions). The
-//! thread count is Rayon's: all cores, or `RAYON_NUM_THREADS`. Each figure is the median of
-//! several repetitions after a warm-up.
+//! Run with `cargo bench --bench throughput`. Options after `--`: `--quick` for fewer
+//! repetitions, `--only TEXT` for the cases whose name contains TEXT, `--dtype f32|bf16`,
+//! `--batch N` to replace every case's batch size, `--csv` for one machine-readable line per case (used by
+//! `benches/compare_torch.py`). The thread count is Rayon's: all cores, or
+//! `RAYON_NUM_THREADS`. Each figure is the median of several repetitions after a warm-up.
 
 use cbce::{bf16, ClassBalancedLoss, Config, ForwardOptions, Logit, Real};
 use ndarray::{ArrayD, IxDyn, ShapeBuilder};
@@ -14,6 +16,8 @@ struct Case {
     name: &'static str,
     shape: Vec<usize>,
     channels_last: bool,
+    /// "f32" or "bf16".
+    dtype: &'static str,
 }
 
 fn median_time(repetitions: usize, mut work: impl FnMut()) -> Duration {
@@ -56,7 +60,15 @@ fn logits_array<T: Logit>(case: &Case, values: &[f32]) -> ArrayD<T> {
     }
 }
 
-fn run_case<T: Logit>(case: &Case, type_name: &str, repetitions: usize) {
+/// How results are printed.
+#[derive(Clone, Copy, PartialEq)]
+enum Output {
+    Table,
+    Csv,
+}
+
+fn run_case<T: Logit>(case: &Case, repetitions: usize, output: Output) {
+    let type_name = case.dtype;
     let classes = case.shape[1];
     let positions: usize = case.shape.iter().product::<usize>() / classes;
     let logits = logits_array::<T>(case, &noise(positions * classes, 1));
@@ -102,9 +114,20 @@ fn run_case<T: Logit>(case: &Case, type_name: &str, repetitions: usize) {
     let bytes = (2 * positions * classes * element + positions * 8) as f64;
     let copy_bytes = (2 * positions * classes * element) as f64;
     let gbps = |bytes: f64, time: Duration| bytes / time.as_secs_f64() / 1e9;
+    if output == Output::Csv {
+        println!(
+            "{},{type_name},{:?},{:.4},{:.4}",
+            case.name,
+            case.shape,
+            ours.as_secs_f64() * 1e3,
+            copy.as_secs_f64() * 1e3
+        );
+        return;
+    }
     println!(
-        "{:<28} {:<6} {:>9.2} ms {:>7.1} GB/s   copy {:>7.2} ms {:>6.1} GB/s   ratio {:.2}",
+        "{:<27} {:<19} {:<5} {:>8.2} ms {:>6.1} GB/s   copy {:>6.2} ms {:>5.1} GB/s   ratio {:.2}",
         case.name,
+        format!("{:?}", case.shape),
         type_name,
         ours.as_secs_f64() * 1e3,
         gbps(bytes, ours),
@@ -120,23 +143,41 @@ fn main() {
     // `--only TEXT` runs only the cases whose name contains TEXT.
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     let selected = |name: &str| only.as_deref().is_none_or(|text| name.contains(text));
+    let batch = args.iter().position(|a| a == "--batch").and_then(|i| args.get(i + 1));
+    let batch: Option<usize> = batch.map(|n| n.parse().expect("--batch takes a number"));
+    let output = if args.iter().any(|a| a == "--csv") { Output::Csv } else { Output::Table };
     let repetitions = if quick { 3 } else { 11 };
-    println!("cbce throughput, {} threads", rayon::current_num_threads());
-    let cases = [
-        Case { name: "segmentation NCHW", shape: vec![8, 19, 256, 512], channels_last: false },
-        Case {
-            name: "segmentation channels-last",
-            shape: vec![8, 19, 256, 512],
-            channels_last: true,
-        },
-        Case { name: "classification (4096, 1000)", shape: vec![4096, 1000], channels_last: false },
-        Case { name: "small-C (65536, 10)", shape: vec![65536, 10], channels_last: false },
-    ];
-    for case in cases.iter().filter(|case| selected(case.name)) {
-        run_case::<f32>(case, "f32", repetitions);
+    if output == Output::Table {
+        println!("cbce throughput, {} threads", rayon::current_num_threads());
     }
-    if selected("bf16") {
-        run_case::<bf16>(&cases[0], "bf16", repetitions);
+    let case = |name, shape: &[usize], channels_last, dtype| Case {
+        name,
+        shape: shape.to_vec(),
+        channels_last,
+        dtype,
+    };
+    let segmentation = [8, 19, 256, 512];
+    let mut cases = [
+        case("segmentation NCHW", &segmentation, false, "f32"),
+        case("segmentation channels-last", &segmentation, true, "f32"),
+        case("classification", &[4096, 1000], false, "f32"),
+        case("small-C", &[65536, 10], false, "f32"),
+        case("segmentation NCHW", &segmentation, false, "bf16"),
+    ];
+    if let Some(batch) = batch {
+        for case in &mut cases {
+            case.shape[0] = batch;
+        }
+    }
+    let dtype = args.iter().position(|a| a == "--dtype").and_then(|i| args.get(i + 1));
+    for case in cases.iter().filter(|case| selected(case.name)) {
+        if dtype.is_some_and(|wanted| wanted != case.dtype) {
+            continue;
+        }
+        match case.dtype {
+            "bf16" => run_case::<bf16>(case, repetitions, output),
+            _ => run_case::<f32>(case, repetitions, output),
+        }
     }
 
     if !selected("update") {
@@ -147,5 +188,10 @@ fn main() {
     let labels = ndarray::Array1::from(labels);
     let loss = ClassBalancedLoss::new(Config::new(19)).unwrap();
     let update = median_time(repetitions, || loss.update(labels.view(), -100).unwrap());
-    println!("update from 4M int64 labels: {:.2} ms", update.as_secs_f64() * 1e3);
+    match output {
+        Output::Table => {
+            println!("update from 4M int64 labels: {:.2} ms", update.as_secs_f64() * 1e3)
+        }
+        Output::Csv => println!("update,int64,[4194304],{:.4},", update.as_secs_f64() * 1e3),
+    }
 }

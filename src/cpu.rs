@@ -9,7 +9,7 @@
 
 use crate::dtype::{Label, Logit, Real};
 use crate::layout::{Chunk, Geometry, GRAD, LOGITS, PER_POSITION, TARGET};
-use crate::strided::{Sink, Source};
+use crate::strided::{self, Sink, Source};
 use rayon::prelude::*;
 
 /// Positions per chunk of the label scan.
@@ -127,15 +127,22 @@ const ROW_KERNEL_MIN_CLASSES: usize = 64;
 const LANES: usize = 8;
 
 /// Per-thread working memory of the kernels, reused from chunk to chunk.
-pub(crate) struct Scratch<A> {
-    values: Vec<A>,
-    per_position: Vec<A>,
+pub(crate) struct Scratch<T: Logit> {
+    values: Vec<T::Acc>,
+    per_position: Vec<T::Acc>,
     labels: Vec<i64>,
+    /// One run of gradient values in the logits' type, ready to be written out.
+    out_row: Vec<T>,
 }
 
-impl<A> Scratch<A> {
+impl<T: Logit> Scratch<T> {
     fn new() -> Self {
-        Scratch { values: Vec::new(), per_position: Vec::new(), labels: Vec::new() }
+        Scratch {
+            values: Vec::new(),
+            per_position: Vec::new(),
+            labels: Vec::new(),
+            out_row: Vec::new(),
+        }
     }
 }
 
@@ -161,7 +168,10 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
             .into_par_iter()
             .map_init(Scratch::new, |scratch, index| {
                 let chunk = self.geometry.chunk(index, chunk_len);
-                self.run_chunk(kernel, &chunk, &coefficients, scratch)
+                let sum = self.run_chunk(kernel, &chunk, &coefficients, scratch);
+                // The chunk's non-temporal gradient stores complete before its result is seen.
+                strided::fence();
+                sum
             })
             .collect();
         partials.iter().sum()
@@ -174,7 +184,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         kernel: Kernel,
         chunk: &Chunk,
         k: &Coefficients<T::Acc>,
-        scratch: &mut Scratch<T::Acc>,
+        scratch: &mut Scratch<T>,
     ) -> f64 {
         #[cfg(target_arch = "x86_64")]
         {
@@ -197,7 +207,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         kernel: Kernel,
         chunk: &Chunk,
         k: &Coefficients<T::Acc>,
-        scratch: &mut Scratch<T::Acc>,
+        scratch: &mut Scratch<T>,
     ) -> f64 {
         self.run_chunk_portable(kernel, chunk, k, scratch)
     }
@@ -209,7 +219,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         kernel: Kernel,
         chunk: &Chunk,
         k: &Coefficients<T::Acc>,
-        scratch: &mut Scratch<T::Acc>,
+        scratch: &mut Scratch<T>,
     ) -> f64 {
         self.run_chunk_portable(kernel, chunk, k, scratch)
     }
@@ -220,7 +230,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         kernel: Kernel,
         chunk: &Chunk,
         k: &Coefficients<T::Acc>,
-        scratch: &mut Scratch<T::Acc>,
+        scratch: &mut Scratch<T>,
     ) -> f64 {
         match kernel {
             Kernel::Rows => self.row_chunk(chunk, k, scratch),
@@ -232,6 +242,23 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
     fn label_at(&self, chunk: &Chunk, p: usize) -> i64 {
         let stride = self.geometry.inner_stride(TARGET);
         self.target.get(chunk.offsets[TARGET] + p as isize * stride).to_i64()
+    }
+
+    /// The labels of `labels.len()` positions from `start`.
+    #[inline(always)]
+    fn load_labels(&self, chunk: &Chunk, start: usize, labels: &mut [i64]) {
+        let stride = self.geometry.inner_stride(TARGET);
+        let base = chunk.offsets[TARGET] + start as isize * stride;
+        if stride == 1 {
+            let source = self.target.slice(base, labels.len());
+            for (slot, label) in labels.iter_mut().zip(source) {
+                *slot = label.to_i64();
+            }
+        } else {
+            for (p, slot) in labels.iter_mut().enumerate() {
+                *slot = self.target.get(base + p as isize * stride).to_i64();
+            }
+        }
     }
 
     #[inline(always)]
@@ -258,12 +285,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
 
     /// Positions one at a time, each row of C logits through the buffer; for long rows.
     #[inline(always)]
-    fn row_chunk(
-        &self,
-        chunk: &Chunk,
-        k: &Coefficients<T::Acc>,
-        scratch: &mut Scratch<T::Acc>,
-    ) -> f64 {
+    fn row_chunk(&self, chunk: &Chunk, k: &Coefficients<T::Acc>, scratch: &mut Scratch<T>) -> f64 {
         let num_classes = k.weights.len();
         let class_stride = self.logits_class_stride;
         let row = &mut scratch.values;
@@ -360,7 +382,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         &self,
         chunk: &Chunk,
         k: &Coefficients<T::Acc>,
-        scratch: &mut Scratch<T::Acc>,
+        scratch: &mut Scratch<T>,
     ) -> f64 {
         let num_classes = k.weights.len();
         let block = (BLOCK_LOGITS / num_classes).min(chunk.len).max(1);
@@ -370,8 +392,10 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         scratch.values.resize(num_classes * block, zero);
         scratch.per_position.resize(PER_POSITION_ARRAYS * block, zero);
         scratch.labels.resize(block, 0);
+        scratch.out_row.resize(block, T::from_acc(zero));
         let values = &mut scratch.values[..];
         let labels = &mut scratch.labels[..];
+        let out_row = &mut scratch.out_row[..];
         let mut arrays = scratch.per_position.chunks_exact_mut(block);
         let mut next = || arrays.next().expect("PER_POSITION_ARRAYS arrays");
         let (max, total, shift, target_shift) = (next(), next(), next(), next());
@@ -384,9 +408,9 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
             let len = block.min(chunk.len - start);
             let next_len = block.min(chunk.len - start - len);
 
+            self.load_labels(chunk, start, &mut labels[..len]);
             for p in 0..len {
-                let label = self.label_at(chunk, start + p);
-                labels[p] = label;
+                let label = labels[p];
                 let ignored = label == self.ignore_index;
                 valid[p] = if ignored { zero } else { T::Acc::ONE };
                 target_weight[p] = if ignored { zero } else { k.weights[label as usize] };
@@ -430,14 +454,23 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
                 }
                 *l = if v > zero { value } else { zero };
             }
-            for (p, &l) in loss[..len].iter().enumerate() {
+            for &l in &loss[..len] {
                 sum += l.to_f64();
-                self.store_loss(chunk, start + p, l);
+            }
+            if self.losses.is_some() {
+                for (p, &l) in loss[..len].iter().enumerate() {
+                    self.store_loss(chunk, start + p, l);
+                }
             }
 
             if let Some((grad, grad_class_stride)) = &self.grad {
-                for (p, u) in upstream[..len].iter_mut().enumerate() {
-                    *u = self.upstream_at(chunk, start + p);
+                match &self.upstream {
+                    Upstream::Uniform(value) => upstream[..len].fill(T::Acc::from_f64(*value)),
+                    Upstream::PerPosition(_) => {
+                        for (p, u) in upstream[..len].iter_mut().enumerate() {
+                            *u = self.upstream_at(chunk, start + p);
+                        }
+                    }
                 }
                 // Gradient factors; an ignored position gets 0 * softmax, which is NaN where
                 // the softmax is, as in PyTorch.
@@ -457,34 +490,18 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
                     *tt = u * k.keep * w_y;
                 }
                 let shape = BlockShape { start, len, block };
+                let factors = GradFactors { scale, smoothing, target_term, smoothing_on };
                 self.store_block_grad(
                     chunk,
                     shape,
                     grad,
                     *grad_class_stride,
                     values,
-                    scale,
-                    smoothing,
-                    smoothing_on,
+                    labels,
+                    factors,
                     k,
+                    out_row,
                 );
-                let grad_position_stride = self.geometry.inner_stride(GRAD);
-                let grad_base = chunk.offsets[GRAD] + start as isize * grad_position_stride;
-                for (p, &label) in labels[..len].iter().enumerate() {
-                    if label == self.ignore_index {
-                        continue;
-                    }
-                    let y = label as usize;
-                    let g = values[y * block + p] * scale[p]
-                        - smoothing[p] * k.weights[y]
-                        - target_term[p];
-                    let offset = grad_base
-                        + y as isize * grad_class_stride
-                        + p as isize * grad_position_stride;
-                    // SAFETY: these positions belong to this chunk alone and the gradient
-                    // tensor does not overlap itself.
-                    unsafe { grad.put(offset, T::from_acc(g)) }
-                }
             }
             start += len;
         }
@@ -550,8 +567,8 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         }
     }
 
-    /// Writes `values * scale - smoothing * w` for every class and position of a block (the
-    /// target classes are corrected afterwards).
+    /// Writes the gradient of a block: `e * scale - smoothing * w` for every class and
+    /// position, less `target_term` for each position's target class.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn store_block_grad(
@@ -560,15 +577,48 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         shape: BlockShape,
         grad: &Sink<'a, T>,
         grad_class_stride: isize,
-        values: &[T::Acc],
-        scale: &[T::Acc],
-        smoothing: &[T::Acc],
-        smoothing_on: bool,
+        values: &mut [T::Acc],
+        labels: &[i64],
+        factors: GradFactors<'_, T::Acc>,
         k: &Coefficients<T::Acc>,
+        out_row: &mut [T],
     ) {
         let BlockShape { start, len, block } = shape;
+        let GradFactors { scale, smoothing, target_term, smoothing_on } = factors;
         let grad_position_stride = self.geometry.inner_stride(GRAD);
         let grad_base = chunk.offsets[GRAD] + start as isize * grad_position_stride;
+        if grad_position_stride == 1 {
+            // Gradients in place of the exponentials, the target classes' corrected, then each
+            // class's run written out whole.
+            for (c, &w) in k.weights.iter().enumerate() {
+                let row = &mut values[c * block..c * block + len];
+                if smoothing_on {
+                    let factors = scale[..len].iter().zip(&smoothing[..len]);
+                    for (e, (&s, &m)) in row.iter_mut().zip(factors) {
+                        *e = *e * s - m * w;
+                    }
+                } else {
+                    for (e, &s) in row.iter_mut().zip(&scale[..len]) {
+                        *e = *e * s;
+                    }
+                }
+            }
+            for p in 0..len {
+                if labels[p] != self.ignore_index {
+                    let slot = &mut values[labels[p] as usize * block + p];
+                    *slot = *slot - target_term[p];
+                }
+            }
+            for c in 0..self.weights.len() {
+                let offset = grad_base + c as isize * grad_class_stride;
+                let row = &values[c * block..c * block + len];
+                // SAFETY: these positions belong to this chunk alone and the gradient tensor
+                // does not overlap itself.
+                unsafe { grad.write_row(offset, row, out_row, T::from_acc) }
+            }
+            return;
+        }
+
         let value = |c: usize, p: usize| {
             let g = values[c * block + p] * scale[p];
             if smoothing_on {
@@ -577,25 +627,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
                 g
             }
         };
-        if grad_position_stride == 1 {
-            for (c, &w) in k.weights.iter().enumerate() {
-                let offset = grad_base + c as isize * grad_class_stride;
-                // SAFETY: these positions belong to this chunk alone, the gradient tensor does
-                // not overlap itself, and the slice dies in this loop.
-                let out = unsafe { grad.slice_mut(offset, len) };
-                let row = &values[c * block..c * block + len];
-                if smoothing_on {
-                    let factors = scale[..len].iter().zip(&smoothing[..len]);
-                    for ((g, &e), (&s, &m)) in out.iter_mut().zip(row).zip(factors) {
-                        *g = T::from_acc(e * s - m * w);
-                    }
-                } else {
-                    for ((g, &e), &s) in out.iter_mut().zip(row).zip(&scale[..len]) {
-                        *g = T::from_acc(e * s);
-                    }
-                }
-            }
-        } else if grad_class_stride == 1 {
+        if grad_class_stride == 1 {
             for p in 0..len {
                 let offset = grad_base + p as isize * grad_position_stride;
                 // SAFETY: as above, one row at a time.
@@ -615,7 +647,26 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
                 }
             }
         }
+        for (p, &label) in labels[..len].iter().enumerate() {
+            if label == self.ignore_index {
+                continue;
+            }
+            let y = label as usize;
+            let offset =
+                grad_base + y as isize * grad_class_stride + p as isize * grad_position_stride;
+            // SAFETY: as above.
+            unsafe { grad.put(offset, T::from_acc(value(y, p) - target_term[p])) }
+        }
     }
+}
+
+/// What the gradient of a block is made from, per position.
+#[derive(Clone, Copy)]
+struct GradFactors<'s, A> {
+    scale: &'s [A],
+    smoothing: &'s [A],
+    target_term: &'s [A],
+    smoothing_on: bool,
 }
 
 /// Where a block lies in its chunk: first position, number of positions, row length.

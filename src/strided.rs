@@ -6,6 +6,7 @@
 //! that way for races, so they are `unsafe` with one contract: no two threads write one element.
 
 use ndarray::{ArrayViewD, ArrayViewMutD};
+use std::any::TypeId;
 use std::marker::PhantomData;
 
 /// The lowest and highest element offsets a shape and strides reach, or `None` if empty.
@@ -143,4 +144,86 @@ impl<'a, T: Copy> Sink<'a, T> {
         // not aliased while the slice lives.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.offset(offset), len) }
     }
+}
+
+impl<T: Copy + 'static> Sink<'_, T> {
+    /// Writes `convert(values[i])` to the `values.len()` consecutive elements at `offset`,
+    /// through `staging` (at least as long) unless no conversion is needed. Float32 rows are
+    /// written with non-temporal stores, which skip reading the destination's cache lines
+    /// first: a gradient is written once and not read back by this pass. Call [`fence`] before
+    /// the pass ends so that those stores are visible to other threads.
+    ///
+    /// # Safety
+    /// As [`Sink::slice_mut`]: no other reference to or write of those elements exists.
+    #[inline(always)]
+    pub(crate) unsafe fn write_row<A: Copy + 'static>(
+        &self,
+        offset: isize,
+        values: &[A],
+        staging: &mut [T],
+        convert: impl Fn(A) -> T,
+    ) {
+        // SAFETY: the caller's contract is slice_mut's.
+        let out = unsafe { self.slice_mut(offset, values.len()) };
+        if TypeId::of::<T>() == TypeId::of::<f32>() && TypeId::of::<A>() == TypeId::of::<f32>() {
+            // SAFETY: T and A are both f32, so both slices are float32 slices of their length.
+            let (out, values) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<f32>(), out.len()),
+                    std::slice::from_raw_parts(values.as_ptr().cast::<f32>(), values.len()),
+                )
+            };
+            stream_f32(out, values);
+            return;
+        }
+        let staging = &mut staging[..values.len()];
+        for (slot, &value) in staging.iter_mut().zip(values) {
+            *slot = convert(value);
+        }
+        out.copy_from_slice(staging);
+    }
+}
+
+/// Makes the non-temporal stores of [`Sink::write_row`] so far visible before later stores.
+#[inline(always)]
+pub(crate) fn fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of every x86_64 CPU; a fence has no other effect.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    }
+}
+
+/// Copies `values` into `out` (same length), the aligned middle with non-temporal stores.
+#[inline(always)]
+fn stream_f32(out: &mut [f32], values: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, detected just above.
+            return unsafe { stream_f32_avx512(out, values) };
+        }
+    }
+    out.copy_from_slice(values);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn stream_f32_avx512(out: &mut [f32], values: &[f32]) {
+    use std::arch::x86_64::{_mm512_loadu_ps, _mm512_stream_ps};
+    const LANES: usize = 16;
+    let misalignment = out.as_ptr().align_offset(64).min(out.len());
+    let (head, rest) = out.split_at_mut(misalignment);
+    let (head_values, rest_values) = values.split_at(misalignment);
+    head.copy_from_slice(head_values);
+    let body = rest.len() / LANES * LANES;
+    for start in (0..body).step_by(LANES) {
+        // SAFETY: `start + 16 <= body <= rest.len() == rest_values.len()`, and `rest` begins on
+        // a 64-byte boundary, so every stream target is aligned as the instruction requires.
+        unsafe {
+            let lane = _mm512_loadu_ps(rest_values.as_ptr().add(start));
+            _mm512_stream_ps(rest.as_mut_ptr().add(start), lane);
+        }
+    }
+    rest[body..].copy_from_slice(&rest_values[body..]);
 }

@@ -248,7 +248,7 @@ impl<'a> Tensor<'a> {
 }
 
 fn check_aligned(address: usize, align: usize, name: &'static str) -> Result<()> {
-    if address % align != 0 {
+    if !address.is_multiple_of(align) {
         return Err(Error::invalid_layout(
             name,
             format!("address {address:#x} is not aligned to the element size {align}"),
