@@ -75,7 +75,7 @@ fn main() -> Result<(), cbce::Error> {
         weights -= &(features.t().dot(&grad) * learning_rate);
         bias -= &(grad.sum_axis(Axis(0)) * learning_rate);
 
-        if step % 4 == 0 || step == STEPS - 1 {
+        if step.is_multiple_of(4) || step == STEPS - 1 {
             let prevalences = loss.prevalences();
             println!(
                 "{step:>4}  {:>8.4}  {}  {}",

@@ -1258,7 +1258,7 @@ fn uint8_masks_with_ignore_index_255() {
     let mut case = layout_case(0, 2, CBCE_REDUCTION_MEAN, 6);
     case.ignore_index = 255;
     for (i, label) in case.labels.iter_mut().enumerate() {
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             *label = 255;
         }
     }

@@ -32,7 +32,7 @@ fn counts(step: usize) -> [i64; C] {
 }
 
 fn is_checkpoint(step: usize) -> bool {
-    step % 9_973 == 0
+    step.is_multiple_of(9_973)
         || (VANISHES_AT - 2..VANISHES_AT + 2).contains(&step)
         || (APPEARS_AT - 2..APPEARS_AT + 2).contains(&step)
 }

@@ -194,7 +194,7 @@ proptest! {
         ok(restored.set_state(&blob));
         prop_assert_eq!(restored.state(), blob);
         for (step, counts) in after.iter().enumerate() {
-            if step % 2 == 0 {
+            if step.is_multiple_of(2) {
                 original.update_from_counts(&counts[..num_classes]);
                 restored.update_from_counts(&counts[..num_classes]);
             } else {
