@@ -2,7 +2,8 @@
 # Uses the library the way its users do, and fails if any of them cannot:
 #   1. installs it into a temporary prefix with the documented command (scripts/install.sh),
 #      and checks the installed files, the SONAME and its links;
-#   2. builds the C and C++ examples in the build tree (without installing) and runs them;
+#   2. builds the C and C++ examples in the build tree (without installing) and runs them, and
+#      builds one in a project that adds this source tree with add_subdirectory();
 #   3. builds them again as an outside project against the installed CMake package, and runs
 #      them, and each under valgrind's memcheck;
 #   4. builds a C example with pkg-config's flags, linked with the shared library and with the
@@ -47,6 +48,21 @@ echo "installed libcbce $version (SONAME $soname) into $prefix"
 
 step "examples built in the build tree, without installing"
 ctest --test-dir "$work/build" --output-on-failure -j "$jobs"
+
+step "a project that adds the source tree with add_subdirectory()"
+parent="$work/parent"
+mkdir -p "$parent"
+cat >"$parent/CMakeLists.txt" <<EOF
+cmake_minimum_required(VERSION 3.16)
+project(parent LANGUAGES C)
+add_subdirectory("$PWD" cbce)
+add_executable(training_loop "$PWD/examples/c/training_loop.c" "$PWD/examples/c/support.c")
+target_link_libraries(training_loop PRIVATE cbce::cbce m)
+EOF
+{ cmake -S "$parent" -B "$parent/build" && cmake --build "$parent/build"; } \
+    >"$work/parent.log" 2>&1 || { cat "$work/parent.log"; fail "the add_subdirectory() project"; }
+"$parent/build/training_loop" >/dev/null
+echo "built and ran training_loop against the subdirectory's cbce::cbce"
 
 step "examples built as an outside project against the installed package, and under valgrind"
 consumer="$work/consumer"
