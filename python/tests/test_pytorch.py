@@ -1,9 +1,7 @@
 """Tests of cbce.pytorch: the autograd Function's values and gradients against PyTorch's own
 autograd of the reference formula (F.cross_entropy with the same class weights), numerical
-gradients, and the module against a PyTorch rendering of the reference class. Skipped, with the
-reason shown, where PyTorch cannot be imported."""
-
-import math
+gradients, and the module against the reference class over many steps. Skipped, with the reason
+shown, where PyTorch cannot be imported."""
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ torch = pytest.importorskip(
 import torch.nn.functional as F  # noqa: E402
 
 import cbce  # noqa: E402
+import numpy_reference as reference  # noqa: E402
 from cbce.pytorch import (  # noqa: E402
     ClassBalancedCrossEntropyFunction,
     ClassBalancedCrossEntropyLoss,
@@ -23,42 +22,18 @@ TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rto
 
 
 class ReferenceLoss:
-    """The reference class's behaviour (../shared/reference/SEMANTICS.md) in PyTorch: running
-    prevalences in double precision, float32 weights, and F.cross_entropy."""
+    """The reference class's behaviour (../shared/reference/SEMANTICS.md): the running state and
+    weights of numpy_reference, and PyTorch's F.cross_entropy with those weights."""
 
     def __init__(self, num_classes, ema_decay):
         self.num_classes = num_classes
         self.ema_decay = ema_decay
-        self.prevalences = torch.full((num_classes,), math.nan, dtype=torch.float64)
+        self.prevalences = np.full(num_classes, np.nan)
 
-    def update(self, target, ignore_index):
-        labels = target[(target != ignore_index) & (target >= 0) & (target < self.num_classes)]
-        counts = torch.bincount(labels.long(), minlength=self.num_classes).double()
-        total = counts.sum()
-        batch = counts / total if total > 0 else torch.zeros_like(counts)
-        newly_seen = self.prevalences.isnan() & (counts > 0)
-        self.prevalences[newly_seen] = 1.0 / self.num_classes
-        seen = ~self.prevalences.isnan()
-        self.prevalences[seen] = self.prevalences[seen] * self.ema_decay + batch[seen] * (
-            1 - self.ema_decay
-        )
-
-    def weights(self):
-        p = self.prevalences.float()
-        if p.isnan().all():
-            p = torch.ones_like(p)
-        w = 1.0 / p
-        finite = w[~w.isnan()]
-        mean, std = finite.mean(), finite.std()
-        w = torch.where(w.isfinite(), w, mean)
-        w = torch.clamp(w, mean - 3 * std, mean + 3 * std)
-        w = torch.where(w.isnan(), torch.ones_like(w), w)
-        return self.num_classes * w / w.sum()
-
-    def __call__(self, logits, target, update=True, **kwargs):
-        if update:
-            self.update(target, kwargs.get("ignore_index", -100))
-        weights = self.weights().to(logits.dtype)
+    def __call__(self, logits, target, **kwargs):
+        counts = reference.counts_of(target.numpy(), self.num_classes, kwargs["ignore_index"])
+        self.prevalences = reference.update(self.prevalences, counts, self.ema_decay)
+        weights = torch.from_numpy(reference.weights_of(self.prevalences)).to(logits.dtype)
         return F.cross_entropy(logits, target.long(), weight=weights, **kwargs), weights
 
 
@@ -138,7 +113,7 @@ def test_layouts_and_dtypes():
 
 def test_module_follows_the_reference_over_steps():
     criterion = ClassBalancedCrossEntropyLoss(6, ema_decay=0.9, ignore_index=255)
-    reference = ReferenceLoss(6, ema_decay=0.9)
+    expected_loss = ReferenceLoss(6, ema_decay=0.9)
     for step in range(25):
         logits, target = problem((32, 6), 6, seed=100 + step, ignore_index=255)
         if step < 12:  # class 5 appears only later
@@ -150,7 +125,7 @@ def test_module_follows_the_reference_over_steps():
         value, weights = criterion(
             ours, target, return_class_weights=True, label_smoothing=smoothing
         )
-        expected, expected_weights = reference(
+        expected, expected_weights = expected_loss(
             theirs, target, ignore_index=255, label_smoothing=smoothing
         )
         value.backward()
@@ -158,7 +133,9 @@ def test_module_follows_the_reference_over_steps():
 
         torch.testing.assert_close(weights, expected_weights, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(
-            criterion.class_prevalences, reference.prevalences.float(), equal_nan=True
+            criterion.class_prevalences,
+            torch.from_numpy(expected_loss.prevalences).float(),
+            equal_nan=True,
         )
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-7)
