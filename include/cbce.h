@@ -265,11 +265,6 @@ typedef struct CbceTensor {
     uint64_t byte_offset;
 } CbceTensor;
 
-/**
- * Every status, in numeric order.
- */
-#define CbceStatus_ALL { CbceStatus_Ok, CbceStatus_NullPointer, CbceStatus_InvalidConfig, CbceStatus_InvalidArgument, CbceStatus_UnsupportedDtype, CbceStatus_ShapeMismatch, CbceStatus_InvalidLayout, CbceStatus_LabelOutOfRange, CbceStatus_BufferLength, CbceStatus_InvalidState, CbceStatus_DeviceMismatch, CbceStatus_Unsupported, CbceStatus_CudaError, CbceStatus_Panic, }
-
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus

@@ -134,6 +134,8 @@ pub enum Status {
 
 impl Status {
     /// Every status, in numeric order.
+    ///
+    /// cbindgen:ignore
     pub const ALL: [Status; 14] = [
         Status::Ok,
         Status::NullPointer,
