@@ -546,10 +546,23 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
             return;
         }
         if class_stride == 1 {
-            for p in 0..len {
+            // Rows of few classes, transposed TILE positions at a time so that the buffer is
+            // written in runs of TILE.
+            let mut p = 0;
+            while p + TILE <= len {
+                let rows: [&[T]; TILE] = std::array::from_fn(|i| {
+                    self.logits.slice(base + (p + i) as isize * position_stride, num_classes)
+                });
+                for (c, column) in values.chunks_exact_mut(block).take(num_classes).enumerate() {
+                    let lane: [T::Acc; TILE] = std::array::from_fn(|i| rows[i][c].to_acc());
+                    column[p..p + TILE].copy_from_slice(&lane);
+                }
+                p += TILE;
+            }
+            for p in p..len {
                 let row = self.logits.slice(base + p as isize * position_stride, num_classes);
-                for (c, x) in row.iter().enumerate() {
-                    values[c * block + p] = x.to_acc();
+                for (column, x) in values.chunks_exact_mut(block).zip(row) {
+                    column[p] = x.to_acc();
                 }
             }
         } else {
@@ -628,10 +641,38 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
             }
         };
         if grad_class_stride == 1 {
-            for p in 0..len {
+            // Rows of few classes, transposed back TILE positions at a time.
+            let num_classes = self.weights.len();
+            let mut p = 0;
+            while p + TILE <= len {
+                // SAFETY: as above; the TILE rows are distinct positions, so disjoint.
+                let mut rows: [&mut [T]; TILE] = std::array::from_fn(|i| unsafe {
+                    grad.slice_mut(grad_base + (p + i) as isize * grad_position_stride, num_classes)
+                });
+                let tile = |values: &[T::Acc]| -> [T::Acc; TILE] {
+                    values[p..p + TILE].try_into().expect("TILE values")
+                };
+                let (scale_tile, smoothing_tile) = (tile(scale), tile(smoothing));
+                for (c, (column, &w)) in values.chunks_exact(block).zip(&k.weights).enumerate() {
+                    let column = tile(column);
+                    let lane: [T::Acc; TILE] = std::array::from_fn(|i| {
+                        let g = column[i] * scale_tile[i];
+                        if smoothing_on {
+                            g - smoothing_tile[i] * w
+                        } else {
+                            g
+                        }
+                    });
+                    for (row, g) in rows.iter_mut().zip(lane) {
+                        row[c] = T::from_acc(g);
+                    }
+                }
+                p += TILE;
+            }
+            for p in p..len {
                 let offset = grad_base + p as isize * grad_position_stride;
                 // SAFETY: as above, one row at a time.
-                let out = unsafe { grad.slice_mut(offset, self.weights.len()) };
+                let out = unsafe { grad.slice_mut(offset, num_classes) };
                 for (c, g) in out.iter_mut().enumerate() {
                     *g = T::from_acc(value(c, p));
                 }
@@ -676,6 +717,9 @@ struct BlockShape {
     len: usize,
     block: usize,
 }
+
+/// Positions transposed at once between rows of few classes and the class-major buffer.
+const TILE: usize = 8;
 
 /// Number of per-position arrays of the block kernel.
 const PER_POSITION_ARRAYS: usize = 11;
