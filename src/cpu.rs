@@ -186,7 +186,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         k: &Coefficients<T::Acc>,
         scratch: &mut Scratch<T>,
     ) -> f64 {
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(all(target_arch = "x86_64", not(miri)))]
         {
             if std::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU has AVX-512F, detected just above.
@@ -200,7 +200,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         self.run_chunk_portable(kernel, chunk, k, scratch)
     }
 
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
     #[target_feature(enable = "avx512f")]
     unsafe fn run_chunk_avx512(
         &self,
@@ -212,7 +212,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         self.run_chunk_portable(kernel, chunk, k, scratch)
     }
 
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
     #[target_feature(enable = "avx2")]
     unsafe fn run_chunk_avx2(
         &self,

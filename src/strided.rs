@@ -77,7 +77,7 @@ impl<T> Source<'_, T> {
     /// offset is allowed, nothing is read).
     #[inline(always)]
     pub(crate) fn prefetch(&self, offset: isize) {
-        #[cfg(target_arch = "x86_64")]
+        #[cfg(all(target_arch = "x86_64", not(miri)))]
         {
             let address = self.ptr.wrapping_offset(offset).cast::<i8>();
             // SAFETY: a prefetch is a hint that never faults, whatever the address; SSE is
@@ -86,7 +86,7 @@ impl<T> Source<'_, T> {
                 std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(address)
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(any(not(target_arch = "x86_64"), miri))]
         let _ = offset;
     }
 }
@@ -187,7 +187,7 @@ impl<T: Copy + 'static> Sink<'_, T> {
 /// Makes the non-temporal stores of [`Sink::write_row`] so far visible before later stores.
 #[inline(always)]
 pub(crate) fn fence() {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
     // SAFETY: SSE is part of every x86_64 CPU; a fence has no other effect.
     unsafe {
         std::arch::x86_64::_mm_sfence()
@@ -197,7 +197,7 @@ pub(crate) fn fence() {
 /// Copies `values` into `out` (same length), the aligned middle with non-temporal stores.
 #[inline(always)]
 fn stream_f32(out: &mut [f32], values: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
     {
         if std::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F, detected just above.
@@ -207,7 +207,7 @@ fn stream_f32(out: &mut [f32], values: &[f32]) {
     out.copy_from_slice(values);
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", not(miri)))]
 #[target_feature(enable = "avx512f")]
 unsafe fn stream_f32_avx512(out: &mut [f32], values: &[f32]) {
     use std::arch::x86_64::{_mm512_loadu_ps, _mm512_stream_ps};
