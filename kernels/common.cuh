@@ -32,70 +32,73 @@ struct bf16 {
     unsigned short bits;
 };
 
-template <typename T>
-struct AccOf {
-    typedef float type;
-};
-template <>
-struct AccOf<double> {
-    typedef double type;
-};
+template <typename T> struct AccOf { typedef float type; };
+template <> struct AccOf<double> { typedef double type; };
 
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(float x) {
+    return x;
+}
+__device__ __forceinline__ double to_acc(double x) {
+    return x;
+}
 __device__ __forceinline__ float to_acc(f16 x) {
     float value;
     asm("cvt.f32.f16 %0, %1;" : "=f"(value) : "h"(x.bits));
     return value;
 }
-__device__ __forceinline__ float to_acc(bf16 x) { return __uint_as_float(((unsigned)x.bits) << 16); }
+__device__ __forceinline__ float to_acc(bf16 x) {
+    return __uint_as_float(((unsigned)x.bits) << 16);
+}
 
-template <typename T>
-__device__ __forceinline__ T from_acc(typename AccOf<T>::type value);
-template <>
-__device__ __forceinline__ float from_acc<float>(float value) {
+template <typename T> __device__ __forceinline__ T from_acc(typename AccOf<T>::type value);
+template <> __device__ __forceinline__ float from_acc<float>(float value) {
     return value;
 }
-template <>
-__device__ __forceinline__ double from_acc<double>(double value) {
+template <> __device__ __forceinline__ double from_acc<double>(double value) {
     return value;
 }
-template <>
-__device__ __forceinline__ f16 from_acc<f16>(float value) {
+template <> __device__ __forceinline__ f16 from_acc<f16>(float value) {
     f16 out;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(out.bits) : "f"(value));
     return out;
 }
-template <>
-__device__ __forceinline__ bf16 from_acc<bf16>(float value) {
+template <> __device__ __forceinline__ bf16 from_acc<bf16>(float value) {
     bf16 out;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(out.bits) : "f"(value));
     return out;
 }
 
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
+__device__ __forceinline__ float exp_acc(float x) {
+    return expf(x);
+}
+__device__ __forceinline__ double exp_acc(double x) {
+    return exp(x);
+}
+__device__ __forceinline__ float log_acc(float x) {
+    return logf(x);
+}
+__device__ __forceinline__ double log_acc(double x) {
+    return log(x);
+}
 // The larger of two values, ignoring a NaN like Rust's `max` (a NaN still reaches the loss
 // through the sum of exponentials).
-__device__ __forceinline__ float max_acc(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double max_acc(double a, double b) { return fmax(a, b); }
+__device__ __forceinline__ float max_acc(float a, float b) {
+    return fmaxf(a, b);
+}
+__device__ __forceinline__ double max_acc(double a, double b) {
+    return fmax(a, b);
+}
 
-template <typename A>
-__device__ __forceinline__ A nan_acc();
-template <>
-__device__ __forceinline__ float nan_acc<float>() {
+template <typename A> __device__ __forceinline__ A nan_acc();
+template <> __device__ __forceinline__ float nan_acc<float>() {
     return __int_as_float(0x7fc00000);
 }
-template <>
-__device__ __forceinline__ double nan_acc<double>() {
+template <> __device__ __forceinline__ double nan_acc<double>() {
     return __longlong_as_double(0x7ff8000000000000ll);
 }
 
-template <typename L>
-__device__ __forceinline__ i64 load_label(u64 base, i64 offset) {
-    return (i64)(reinterpret_cast<const L*>(base)[offset]);
+template <typename L> __device__ __forceinline__ i64 load_label(u64 base, i64 offset) {
+    return (i64)(reinterpret_cast<const L *>(base)[offset]);
 }
 
 // The positions of a pass as merged axes, outermost first, with each operand's element
@@ -116,20 +119,23 @@ struct Tiling {
 };
 
 // Each operand's element offset at the first position of line `line`.
-__device__ __forceinline__ void line_offsets(const Positions& p, u64 line, i64 (&offsets)[CBCE_OPERANDS]) {
+__device__ __forceinline__ void line_offsets(const Positions &p, u64 line,
+                                             i64 (&offsets)[CBCE_OPERANDS]) {
 #pragma unroll
-    for (int k = 0; k < CBCE_OPERANDS; ++k) offsets[k] = 0;
+    for (int k = 0; k < CBCE_OPERANDS; ++k)
+        offsets[k] = 0;
     for (i64 axis = p.axes - 2; axis >= 0; --axis) {
         const u64 extent = (u64)p.dims[axis];
         const i64 coordinate = (i64)(line % extent);
         line /= extent;
 #pragma unroll
-        for (int k = 0; k < CBCE_OPERANDS; ++k) offsets[k] += coordinate * p.strides[k][axis];
+        for (int k = 0; k < CBCE_OPERANDS; ++k)
+            offsets[k] += coordinate * p.strides[k][axis];
     }
 }
 
 // Operand k's element offset at linear position `position` (C order of the merged axes).
-__device__ __forceinline__ i64 position_offset(const Positions& p, int k, u64 position) {
+__device__ __forceinline__ i64 position_offset(const Positions &p, int k, u64 position) {
     i64 offset = 0;
     for (i64 axis = p.axes - 1; axis >= 0; --axis) {
         const u64 extent = (u64)p.dims[axis];
@@ -139,54 +145,56 @@ __device__ __forceinline__ i64 position_offset(const Positions& p, int k, u64 po
     return offset;
 }
 
-template <typename V>
-__device__ __forceinline__ V warp_sum(V value) {
+template <typename V> __device__ __forceinline__ V warp_sum(V value) {
 #pragma unroll
-    for (int lane_mask = 16; lane_mask > 0; lane_mask >>= 1) value += __shfl_xor_sync(0xffffffffu, value, lane_mask);
+    for (int lane_mask = 16; lane_mask > 0; lane_mask >>= 1)
+        value += __shfl_xor_sync(0xffffffffu, value, lane_mask);
     return value;
 }
 
-template <typename V>
-__device__ __forceinline__ V warp_max(V value) {
+template <typename V> __device__ __forceinline__ V warp_max(V value) {
 #pragma unroll
-    for (int lane_mask = 16; lane_mask > 0; lane_mask >>= 1) value = max_acc(value, __shfl_xor_sync(0xffffffffu, value, lane_mask));
+    for (int lane_mask = 16; lane_mask > 0; lane_mask >>= 1)
+        value = max_acc(value, __shfl_xor_sync(0xffffffffu, value, lane_mask));
     return value;
 }
 
 // The sum of `value` over the block, returned to every thread. Every thread of the block must
 // call it; `scratch` holds one value per warp (at most 32).
-template <typename V>
-__device__ __forceinline__ V block_sum(V value, V* scratch) {
+template <typename V> __device__ __forceinline__ V block_sum(V value, V *scratch) {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int warps = (blockDim.x + 31) >> 5;
     value = warp_sum(value);
     __syncthreads();
-    if (lane == 0) scratch[warp] = value;
+    if (lane == 0)
+        scratch[warp] = value;
     __syncthreads();
     if (warp == 0) {
         V partial = lane < warps ? scratch[lane] : (V)0;
         partial = warp_sum(partial);
-        if (lane == 0) scratch[0] = partial;
+        if (lane == 0)
+            scratch[0] = partial;
     }
     __syncthreads();
     return scratch[0];
 }
 
 // As `block_sum`, for the maximum (NaN-ignoring).
-template <typename V>
-__device__ __forceinline__ V block_max(V value, V* scratch, V lowest) {
+template <typename V> __device__ __forceinline__ V block_max(V value, V *scratch, V lowest) {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int warps = (blockDim.x + 31) >> 5;
     value = warp_max(value);
     __syncthreads();
-    if (lane == 0) scratch[warp] = value;
+    if (lane == 0)
+        scratch[warp] = value;
     __syncthreads();
     if (warp == 0) {
         V partial = lane < warps ? scratch[lane] : lowest;
         partial = warp_max(partial);
-        if (lane == 0) scratch[0] = partial;
+        if (lane == 0)
+            scratch[0] = partial;
     }
     __syncthreads();
     return scratch[0];

@@ -23,3 +23,6 @@ scripts/test_clients.sh
 
 step "reliability: C ABI under sanitizers and valgrind, examples under sanitizers, bounded fuzz"
 scripts/test_reliability.sh
+
+step "cuda: PyPI toolchain, build and lints of the cuda feature (kernels for sm_80 and sm_90), its tests"
+scripts/check_cuda.sh
