@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests use; each capability adds its own here.
-packages=(cmake pkg-config valgrind g++ binutils clang-format gcc)
+packages=(cmake pkg-config valgrind g++ binutils clang-format gcc openmpi-bin libopenmpi-dev)
 
 missing=()
 for package in "${packages[@]}"; do
