@@ -24,5 +24,8 @@ scripts/test_clients.sh
 step "reliability: C ABI under sanitizers and valgrind, examples under sanitizers, bounded fuzz"
 scripts/test_reliability.sh
 
+step "distributed: the MPI example on 2 and 4 ranks, the torch.distributed example (skipped without torch)"
+scripts/test_distributed.sh
+
 step "cuda: PyPI toolchain, build and lints of the cuda feature (kernels for sm_80 and sm_90), its tests"
 scripts/check_cuda.sh
