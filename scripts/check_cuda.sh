@@ -12,8 +12,13 @@ step() { printf '\n==> %s\n' "$*"; }
 step "cuda: toolchain from PyPI"
 # shellcheck source=scripts/setup_cuda.sh
 source scripts/setup_cuda.sh
-# A target folder of its own, so the feature build does not invalidate the default one.
-export CARGO_TARGET_DIR="${CBCE_CUDA_TARGET_DIR:-target/cuda}"
+# Locally, a target folder of its own, so that building the feature does not hold up the
+# default build; in CI (CI=true) the default one, whose dependencies the earlier steps built.
+if [[ -n "${CBCE_CUDA_TARGET_DIR:-}" ]]; then
+    export CARGO_TARGET_DIR="$CBCE_CUDA_TARGET_DIR"
+elif [[ "${CI:-}" != true ]]; then
+    export CARGO_TARGET_DIR=target/cuda
+fi
 
 step "cuda: kernel formatting"
 clang-format --dry-run --Werror kernels/*.cu kernels/*.cuh

@@ -13,9 +13,11 @@
 #
 # The report goes to $CBCE_GPU_REPORT, else $OUT/gpu_report.md when OUT is set, else
 # target/gpu-bundle/gpu_report.md. The reference vectors are $CBCE_REFERENCE_VECTORS, else the
-# first of shared/vectors/reference.json and ../shared/vectors/reference.json that exists.
+# first of shared/vectors/reference.json, ../shared/vectors/reference.json and the copy that
+# `build` puts into the bundle.
 # Python is $PYTHON, else python3 (it needs PyTorch with CUDA for the comparison and the
-# benchmark, which are reported as skipped without it).
+# benchmark). A part that skips for want of a GPU or of PyTorch counts as failed, unless
+# CBCE_GPU_CHECK_ALLOW_SKIP=1 (for trying the script on a machine without a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bundle=target/gpu-bundle
@@ -35,6 +37,11 @@ for line in sys.stdin:
     mkdir -p "$bundle"
     cp "$CARGO_TARGET_DIR/release/libcbce.so" "$bundle/libcbce.so"
     cp "$tests" "$bundle/cuda-tests"
+    # The vectors travel with the bundle too, for a GPU machine that has no shared/ folder.
+    local vectors="${CBCE_REFERENCE_VECTORS:-../shared/vectors/reference.json}"
+    if [[ -f "$vectors" ]]; then
+        cp "$vectors" "$bundle/reference.json"
+    fi
     strip --strip-debug "$bundle/libcbce.so" "$bundle/cuda-tests"
     du -sh "$bundle"
     echo "gpu_check: bundle ready; on the GPU machine run: scripts/gpu_check.sh run (carry $bundle)"
@@ -48,7 +55,8 @@ run() {
     mkdir -p "$logs"
     local vectors="${CBCE_REFERENCE_VECTORS:-}"
     if [[ -z "$vectors" ]]; then
-        for candidate in shared/vectors/reference.json ../shared/vectors/reference.json; do
+        for candidate in shared/vectors/reference.json ../shared/vectors/reference.json \
+            "$bundle/reference.json"; do
             if [[ -f "$candidate" ]]; then
                 vectors="$(cd "$(dirname "$candidate")" && pwd)/$(basename "$candidate")"
                 break
@@ -72,8 +80,15 @@ run() {
 
     section() {
         local name="$1" log="$2" status="$3"
+        if [[ $status == 0 && "${CBCE_GPU_CHECK_ALLOW_SKIP:-0}" != 1 ]] && grep -q 'skipped' "$log"; then
+            status=skipped
+        fi
         {
-            echo "## $name: $([[ $status == 0 ]] && echo passed || echo "FAILED (exit $status)")"
+            case "$status" in
+            0) echo "## $name: passed" ;;
+            skipped) echo "## $name: FAILED (skipped: no usable GPU, or no PyTorch with CUDA)" ;;
+            *) echo "## $name: FAILED (exit $status)" ;;
+            esac
             echo
             echo '```'
             grep -E "$4" "$log" | tail -n 40 || true
