@@ -7,10 +7,18 @@
 use super::driver::{Api, DevicePtr, Function, Module};
 use crate::error::Result;
 
+/// Bytes kept at an alignment of 64, as nvcc aligns the fatbins it embeds itself (the
+/// container's fields are 8-byte integers).
+#[repr(C, align(64))]
+pub(crate) struct Aligned<T: ?Sized>(pub T);
+
 /// The fatbins: machine code for sm_80 and sm_90 and PTX for newer devices.
-pub(crate) const COUNTS_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/counts.fatbin"));
-pub(crate) const STATE_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/state.fatbin"));
-pub(crate) const LOSS_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/loss.fatbin"));
+pub(crate) static COUNTS_FATBIN: &Aligned<[u8]> =
+    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/counts.fatbin")));
+pub(crate) static STATE_FATBIN: &Aligned<[u8]> =
+    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/state.fatbin")));
+pub(crate) static LOSS_FATBIN: &Aligned<[u8]> =
+    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/loss.fatbin")));
 
 pub(crate) const MAX_AXES: usize = 32;
 pub(crate) const OPERANDS: usize = 4;
@@ -221,9 +229,9 @@ pub(crate) struct Kernels {
 impl Kernels {
     /// Loads the three fatbins into the current context and looks every kernel up.
     pub(crate) fn load(api: &'static Api) -> Result<Kernels> {
-        let counts = Module::load(api, COUNTS_FATBIN)?;
-        let state = Module::load(api, STATE_FATBIN)?;
-        let loss = Module::load(api, LOSS_FATBIN)?;
+        let counts = Module::load(api, &COUNTS_FATBIN.0)?;
+        let state = Module::load(api, &STATE_FATBIN.0)?;
+        let loss = Module::load(api, &LOSS_FATBIN.0)?;
         let by_label = |module: &Module, operation: &str| -> Result<[Function; 3]> {
             let [a, b, c] =
                 LABEL_NAMES.map(|label| module.function(&format!("{operation}_{label}")));
@@ -282,7 +290,8 @@ mod tests {
     #[test]
     fn fatbins_hold_sm80_and_sm90_code_and_sm90_ptx() {
         for fatbin in [COUNTS_FATBIN, STATE_FATBIN, LOSS_FATBIN] {
-            assert_eq!(entries(fatbin), vec![(1, 90), (2, 80), (2, 90)]);
+            assert_eq!(fatbin.0.as_ptr() as usize % 64, 0, "aligned");
+            assert_eq!(entries(&fatbin.0), vec![(1, 90), (2, 80), (2, 90)]);
         }
     }
 }
