@@ -214,9 +214,12 @@ struct Scalars {
     double upstream;
 };
 
-// The first bad label since the host last synchronised, kept for the host to report.
+// The first bad label (or bad counts) since the host last synchronised, kept for the host to
+// report.
 struct LabelRecord {
-    u64 set;
+    u64 set; // 0: nothing kept; 1: a label outside [0, C); 2: counts that were negative (the
+             // lowest such class in `position`, its count in `label`) or whose total overflows
+             // (`position` CBCE_NO_POSITION)
     u64 position;
     i64 label;
     i64 ignore_index;

@@ -109,3 +109,71 @@ template <typename L> __device__ void label_check(const LabelCheckArgs &a) {
 CBCE_COUNT_KERNELS(i64, i64)
 CBCE_COUNT_KERNELS(int, i32)
 CBCE_COUNT_KERNELS(unsigned char, u8)
+
+// Per-class counts between the handle's own buffer (u64[num_classes], contiguous) and a
+// caller's int64 tensor of shape (C) with any stride: stored after counting, and loaded (and
+// checked) before an update from counts.
+#define CBCE_COUNTS_LOAD_THREADS 1024
+
+struct CountsMoveArgs {
+    u64 tensor;        // address of the caller's element 0 (int64)
+    u64 counts;        // u64[num_classes]: the handle's counts
+    i64 tensor_stride; // in elements
+    i64 num_classes;
+    u64 scalars; // Scalars*: first_bad is set when the loaded counts are invalid (load only)
+    u64 record;  // LabelRecord*: written when they are and the record is empty (load only)
+};
+static_assert(sizeof(CountsMoveArgs) == 48, "CountsMoveArgs is mirrored in src/cuda/kernels.rs");
+
+extern "C" __global__ void __launch_bounds__(CBCE_COUNT_THREADS)
+    counts_store_i64(const __grid_constant__ CountsMoveArgs a) {
+    i64 *tensor = reinterpret_cast<i64 *>(a.tensor);
+    const u64 *counts = reinterpret_cast<const u64 *>(a.counts);
+    for (i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x; c < a.num_classes;
+         c += (i64)gridDim.x * blockDim.x)
+        tensor[c * a.tensor_stride] = (i64)counts[c];
+}
+
+// One block: copies the counts in and checks them as the host does, lowest negative class
+// first, then a total of 2^64 or more. Invalid counts set first_bad, so that the update that
+// follows leaves the state unchanged, and are kept in the record (set 2) for the host.
+extern "C" __global__ void __launch_bounds__(CBCE_COUNTS_LOAD_THREADS)
+    counts_load_i64(const __grid_constant__ CountsMoveArgs a) {
+    __shared__ u64 scratch[32];
+    __shared__ u64 first_negative;
+    const i64 *tensor = reinterpret_cast<const i64 *>(a.tensor);
+    u64 *counts = reinterpret_cast<u64 *>(a.counts);
+    Scalars *scalars = reinterpret_cast<Scalars *>(a.scalars);
+    LabelRecord *record = reinterpret_cast<LabelRecord *>(a.record);
+    if (threadIdx.x == 0)
+        first_negative = CBCE_NO_POSITION;
+    __syncthreads();
+
+    // The total as two sums of 32-bit halves, which cannot wrap for C up to 2^24.
+    u64 low = 0, high = 0;
+    for (i64 c = threadIdx.x; c < a.num_classes; c += blockDim.x) {
+        const i64 count = tensor[c * a.tensor_stride];
+        counts[c] = (u64)count;
+        if (count < 0) {
+            atomicMin(&first_negative, (u64)c);
+            continue;
+        }
+        low += (u64)count & 0xffffffffull;
+        high += (u64)count >> 32;
+    }
+    low = block_sum(low, scratch);
+    high = block_sum(high, scratch);
+    __syncthreads();
+    if (threadIdx.x != 0)
+        return;
+    const bool overflows = ((high + (low >> 32)) >> 32) != 0;
+    const bool negative = first_negative != CBCE_NO_POSITION;
+    scalars->first_bad = (negative || overflows) ? 0 : CBCE_NO_POSITION;
+    if (!(negative || overflows) || record->set != 0)
+        return;
+    record->position = negative ? first_negative : CBCE_NO_POSITION;
+    record->label = negative ? tensor[(i64)first_negative * a.tensor_stride] : 0;
+    record->ignore_index = 0;
+    record->ndim = 0;
+    record->set = 2;
+}

@@ -35,6 +35,7 @@ struct Fixture {
     weights_used: Vec<f32>,
     weight_sum: f64,
     counts: Vec<i64>,
+    counts_out: Strided<i64>,
     floats: Vec<f32>,
     state_buffer: Vec<u8>,
     size_out: usize,
@@ -65,6 +66,7 @@ impl Fixture {
             weights_used: vec![SENTINEL; C],
             weight_sum: SENTINEL as f64,
             counts: vec![-7; C],
+            counts_out: contiguous(&ArrayD::from_elem(IxDyn(&[C]), -7i64), -7, CBCE_DTYPE_INT, 64),
             floats: vec![SENTINEL; C],
             state_buffer: vec![0xab; 24 + 8 * C + 8],
             size_out: 0xdead,
@@ -87,6 +89,7 @@ impl Fixture {
         bytes.extend(bytes_of(&self.weights_used));
         bytes.extend(bytes_of(&[self.weight_sum]));
         bytes.extend(bytes_of(&self.counts));
+        bytes.extend(self.counts_out.bytes());
         bytes.extend(bytes_of(&self.floats));
         bytes.extend(&self.state_buffer);
         bytes.extend(bytes_of(&[self.size_out]));
@@ -141,6 +144,34 @@ impl Fixture {
         // SAFETY: as `update`; `counts` has C writable values and `len` <= C here.
         unsafe { cbce_class_counts(self.loss(), target_ptr, -100, self.counts.as_mut_ptr(), len) }
     }
+}
+
+impl Fixture {
+    /// `cbce_class_counts_tensor` of the fixture's target into `counts` (the fixture's
+    /// counts tensor, edited by the case).
+    fn class_counts_tensor(&mut self, edit: impl Fn(&mut CbceTensor)) -> Status {
+        let target = self.target.descriptor();
+        let mut counts = self.counts_out.descriptor_mut();
+        edit(&mut counts);
+        // SAFETY: live descriptors of fixture memory; the counts' memory is the fixture's own.
+        unsafe { cbce_class_counts_tensor(self.loss(), &target, -100, &counts) }
+    }
+
+    /// `cbce_update_from_counts_tensor` from a contiguous tensor of `values`, edited by the
+    /// case.
+    fn update_from_counts_tensor(&self, values: &[i64], edit: impl Fn(&mut CbceTensor)) -> Status {
+        let counts = counts_tensor(values);
+        let mut descriptor = counts.descriptor();
+        edit(&mut descriptor);
+        // SAFETY: a live descriptor of `counts`, which outlives the call.
+        unsafe { cbce_update_from_counts_tensor(self.loss(), &descriptor) }
+    }
+}
+
+/// A contiguous int64 tensor of shape (len) holding `values`.
+fn counts_tensor(values: &[i64]) -> Strided<i64> {
+    let values = ArrayD::from_shape_vec(IxDyn(&[values.len()]), values.to_vec()).unwrap();
+    contiguous(&values, -7, CBCE_DTYPE_INT, 64)
 }
 
 fn ptr_of(tensor: &Option<CbceTensor>) -> *const CbceTensor {
@@ -457,6 +488,134 @@ fn failure_cases() -> Vec<Case> {
             // SAFETY: `counts` has C values.
             unsafe { cbce_update_from_counts(f.loss(), counts.as_ptr(), C) }
         }),
+        // cbce_class_counts_tensor
+        case("cbce_class_counts_tensor", "loss NULL", NullPointer, &["`loss`"], |f| {
+            let (target, counts) = (f.target.descriptor(), f.counts_out.descriptor_mut());
+            // SAFETY: a NULL handle is what is being tested.
+            unsafe { cbce_class_counts_tensor(null(), &target, -100, &counts) }
+        }),
+        case("cbce_class_counts_tensor", "target NULL", NullPointer, &["`target`"], |f| {
+            let counts = f.counts_out.descriptor_mut();
+            // SAFETY: a NULL target is what is being tested.
+            unsafe { cbce_class_counts_tensor(f.loss(), null(), -100, &counts) }
+        }),
+        case("cbce_class_counts_tensor", "counts NULL", NullPointer, &["`counts`"], |f| {
+            let target = f.target.descriptor();
+            // SAFETY: a NULL counts tensor is what is being tested.
+            unsafe { cbce_class_counts_tensor(f.loss(), &target, -100, null()) }
+        }),
+        case("cbce_class_counts_tensor", "float64 target", UnsupportedDtype, &["float64"], |f| {
+            let target = target_with(f, |t| t.dtype = dtype(CBCE_DTYPE_FLOAT, 64));
+            let counts = f.counts_out.descriptor_mut();
+            // SAFETY: live descriptors of fixture memory.
+            unsafe { cbce_class_counts_tensor(f.loss(), &target, -100, &counts) }
+        }),
+        case(
+            "cbce_class_counts_tensor",
+            "int32 counts",
+            UnsupportedDtype,
+            &["`counts`", "int32", "int64"],
+            |f| f.class_counts_tensor(|t| t.dtype = dtype(CBCE_DTYPE_INT, 32)),
+        ),
+        case(
+            "cbce_class_counts_tensor",
+            "counts of shape (2)",
+            ShapeMismatch,
+            &["counts have shape [2] but the loss needs [3]"],
+            |f| {
+                let shape = [2i64];
+                f.class_counts_tensor(|t| t.shape = shape.as_ptr() as *mut i64)
+            },
+        ),
+        case("cbce_class_counts_tensor", "counts stride 0", InvalidLayout, &["overlap"], |f| {
+            let strides = [0i64];
+            f.class_counts_tensor(|t| t.strides = strides.as_ptr() as *mut i64)
+        }),
+        case(
+            "cbce_class_counts_tensor",
+            "counts over the target",
+            InvalidLayout,
+            &["`counts`", "overlaps that of `target`"],
+            |f| {
+                let target = f.target.descriptor_mut();
+                let shape = [C as i64];
+                let counts = CbceTensor {
+                    ndim: 1,
+                    shape: shape.as_ptr() as *mut i64,
+                    strides: null_mut(),
+                    ..target
+                };
+                // SAFETY: both describe the fixture's target memory, which the check rejects
+                // before anything is written.
+                unsafe { cbce_class_counts_tensor(f.loss(), &target, -100, &counts) }
+            },
+        ),
+        case("cbce_class_counts_tensor", "cuda counts", DeviceMismatch, &["device type 2"], |f| {
+            f.class_counts_tensor(|t| t.device.device_type = CBCE_DEVICE_CUDA)
+        }),
+        // cbce_update_from_counts_tensor
+        case("cbce_update_from_counts_tensor", "loss NULL", NullPointer, &["`loss`"], |_| {
+            let counts = counts_tensor(&[1; C]);
+            let descriptor = counts.descriptor();
+            // SAFETY: a NULL handle is what is being tested.
+            unsafe { cbce_update_from_counts_tensor(null(), &descriptor) }
+        }),
+        case("cbce_update_from_counts_tensor", "counts NULL", NullPointer, &["`counts`"], |f| {
+            // SAFETY: a NULL counts tensor is what is being tested.
+            unsafe { cbce_update_from_counts_tensor(f.loss(), null()) }
+        }),
+        case(
+            "cbce_update_from_counts_tensor",
+            "uint8 counts",
+            UnsupportedDtype,
+            &["`counts`", "uint8"],
+            |f| f.update_from_counts_tensor(&[1; C], |t| t.dtype = dtype(CBCE_DTYPE_UINT, 8)),
+        ),
+        case(
+            "cbce_update_from_counts_tensor",
+            "counts of shape (4)",
+            ShapeMismatch,
+            &["counts have shape [4] but the loss needs [3]"],
+            |f| f.update_from_counts_tensor(&[1; 4], |_| {}),
+        ),
+        case("cbce_update_from_counts_tensor", "ndim 40", InvalidLayout, &["ndim is 40"], |f| {
+            f.update_from_counts_tensor(&[1; C], |t| t.ndim = 40)
+        }),
+        case(
+            "cbce_update_from_counts_tensor",
+            "cuda counts",
+            DeviceMismatch,
+            &["`counts`", "device type 2"],
+            |f| f.update_from_counts_tensor(&[1; C], |t| t.device.device_type = CBCE_DEVICE_CUDA),
+        ),
+        case(
+            "cbce_update_from_counts_tensor",
+            "negative count",
+            InvalidState,
+            &["count -1 of class 1 is negative"],
+            |f| f.update_from_counts_tensor(&[5, -1, 2], |_| {}),
+        ),
+        case(
+            "cbce_update_from_counts_tensor",
+            "negative count, strided",
+            InvalidState,
+            &["count -3 of class 0 is negative"],
+            |f| {
+                // Memory [7, 5, -3] read backwards: the counts are [-3, 5, 7].
+                let strides = [-1i64];
+                f.update_from_counts_tensor(&[7, 5, -3], |t| {
+                    t.strides = strides.as_ptr() as *mut i64;
+                    t.byte_offset = 16;
+                })
+            },
+        ),
+        case(
+            "cbce_update_from_counts_tensor",
+            "total overflows",
+            InvalidState,
+            &["overflows"],
+            |f| f.update_from_counts_tensor(&[i64::MAX; C], |_| {}),
+        ),
     ];
     for (name, function) in [
         ("cbce_prevalences", cbce_prevalences as unsafe extern "C" fn(_, _, _) -> _),
@@ -906,6 +1065,17 @@ fn success_cases() -> Vec<Case> {
             // SAFETY: `counts` has C values.
             unsafe { cbce_update_from_counts(f.loss(), counts.as_ptr(), C) }
         }),
+        case("cbce_class_counts_tensor", "valid", Ok, &[], |f| {
+            let status = f.class_counts_tensor(|_| {});
+            assert_eq!(f.counts_out.logical().iter().copied().collect::<Vec<_>>(), vec![1, 2, 1]);
+            status
+        }),
+        case("cbce_update_from_counts_tensor", "valid", Ok, &[], |f| {
+            let before = f.handle.state();
+            let status = f.update_from_counts_tensor(&[0, 0, 4], |_| {});
+            assert_ne!(f.handle.state(), before, "the update changed the state");
+            status
+        }),
         case("cbce_prevalences", "valid", Ok, &[], |f| {
             // SAFETY: `floats` has C floats.
             unsafe { cbce_prevalences(f.loss(), f.floats.as_mut_ptr(), C) }
@@ -1033,6 +1203,7 @@ fn every_documented_status_of_every_function_is_reached() {
         status == "CUDA_ERROR"
             || (function == "cbce_new" && status == "UNSUPPORTED")
             || (function == "cbce_synchronize" && status == "LABEL_OUT_OF_RANGE")
+            || (function == "cbce_synchronize" && status == "INVALID_STATE")
             || (function == "cbce_set_stream" && status == "OK")
     };
     for (function, documented) in &documented {
@@ -1342,4 +1513,59 @@ fn messages_are_per_thread_and_cleared_by_success() {
     assert!(last_message().contains("count -3 of class 1"));
     handle.update_from_counts(&[1, 1]);
     assert_eq!(last_message(), "");
+}
+
+/// The tensor forms of counting and of updating from counts give exactly what the pointer
+/// forms give, through counts tensors with padded, reversed strides, over many steps.
+#[test]
+fn tensor_forms_of_counts_equal_the_pointer_forms() {
+    let c = 7;
+    let mut rng = Prng::new(71);
+    let by_pointer = Handle::new(c as u64, 0.9, 0.05);
+    let by_tensor = Handle::new(c as u64, 0.9, 0.05);
+    let counts_layout = Layout {
+        order: vec![0],
+        step: vec![2],
+        reversed: vec![true],
+        broadcast: vec![false],
+        pad_front: 3,
+    };
+    for step in 0..12 {
+        // Labels from -2 to C + 1: some out of range, some the ignore index 3 on odd steps.
+        let labels: Vec<i32> = (0..60).map(|_| rng.range(-2, c as i64 + 2) as i32).collect();
+        let values = ArrayD::from_shape_vec(IxDyn(&[6, 10]), labels).unwrap();
+        let target = target_tensor(&values, &Layout::random(&mut rng, 2, false));
+        let descriptor = target.descriptor();
+        let ignore_index = if step % 2 == 1 { 3 } else { -100 };
+
+        let mut expected = vec![0i64; c];
+        // SAFETY: a live descriptor and C writable counts.
+        ok(unsafe {
+            cbce_class_counts(by_pointer.ptr(), &descriptor, ignore_index, expected.as_mut_ptr(), c)
+        });
+        let mut counts = Strided::new(
+            &ArrayD::from_elem(IxDyn(&[c]), -7i64),
+            &counts_layout,
+            -9,
+            CBCE_DTYPE_INT,
+            64,
+        );
+        let before = by_tensor.state();
+        let out = counts.descriptor_mut();
+        // SAFETY: live descriptors; the counts' memory is only this test's.
+        ok(unsafe { cbce_class_counts_tensor(by_tensor.ptr(), &descriptor, ignore_index, &out) });
+        assert_eq!(by_tensor.state(), before, "step {step}: counting changes no state");
+        let got: Vec<i64> = counts.logical().iter().copied().collect();
+        assert_eq!(got, expected, "step {step}: counts");
+        let untouched = counts.memory.iter().filter(|&&v| v == -9).count();
+        assert_eq!(untouched, counts.memory.len() - c, "step {step}: only the counts written");
+
+        // SAFETY: C counts.
+        ok(unsafe { cbce_update_from_counts(by_pointer.ptr(), expected.as_ptr(), c) });
+        let input = counts.descriptor();
+        // SAFETY: a live descriptor of C int64 counts.
+        ok(unsafe { cbce_update_from_counts_tensor(by_tensor.ptr(), &input) });
+        assert_eq!(by_tensor.state(), by_pointer.state(), "step {step}: the same state bytes");
+        assert_eq!(bytes_of(&by_tensor.weights()), bytes_of(&by_pointer.weights()));
+    }
 }

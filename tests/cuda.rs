@@ -751,6 +751,73 @@ fn state_operations(place: Place) -> Outputs {
     out
 }
 
+/// Counts into a strided int64 tensor of the handle's place and an update from it: the same
+/// counts and the same state bytes as the pointer forms, without a host wait on CUDA; bad
+/// counts change nothing and are reported (by the call on the CPU, by the next synchronising
+/// call on CUDA).
+fn counts_in_tensors(place: Place) -> Outputs {
+    let c = 6;
+    let mut out = Outputs::default();
+    let by_pointer = Handle::new(place, c, 0.8);
+    let by_tensor = Handle::new(place, c, 0.8);
+    for step in 0..3u64 {
+        let mut target = Tensor::new(
+            place,
+            Elem::I32,
+            &[5, 7],
+            Some(&[1, 5]),
+            &labels(61 + step, 35, c, Some((-100, 0.2))),
+        );
+        let descriptor = target.descriptor();
+        let mut host = vec![0i64; c];
+        // SAFETY: a live descriptor and C writable counts.
+        let status =
+            unsafe { cbce_class_counts(by_pointer.loss, &descriptor, -100, host.as_mut_ptr(), c) };
+        by_pointer.check("class_counts", status);
+        let mut counts = Tensor::new(place, Elem::I64, &[c], Some(&[-2]), &vec![-7.0; c]);
+        let counts_descriptor = counts.descriptor();
+        // SAFETY: live descriptors; the counts are disjoint from the target.
+        let status = unsafe {
+            cbce_class_counts_tensor(by_tensor.loss, &descriptor, -100, &counts_descriptor)
+        };
+        by_tensor.check("class_counts_tensor", status);
+        // SAFETY: a live descriptor of C int64 counts, read in stream order after the counting.
+        let status = unsafe { cbce_update_from_counts_tensor(by_tensor.loss, &counts_descriptor) };
+        by_tensor.check("update_from_counts_tensor", status);
+        // SAFETY: C counts.
+        by_pointer.check("update_from_counts", unsafe {
+            cbce_update_from_counts(by_pointer.loss, host.as_ptr(), c)
+        });
+        by_tensor.check("synchronize", by_tensor.synchronize());
+        let got = counts.values();
+        assert_eq!(got, host.iter().map(|&n| n as f64).collect::<Vec<_>>(), "step {step}");
+        assert_eq!(by_tensor.state(), by_pointer.state(), "step {step}: the same state bytes");
+        out.add(format!("counts {step}"), Elem::F64, got);
+    }
+    out.add("prevalences", Elem::F32, by_tensor.prevalences());
+
+    let before = by_tensor.state();
+    for (values, needle) in [
+        ([4.0, 1.0, -3.0, 0.0, -1.0, 2.0], "count -3 of class 2 is negative"),
+        ([i64::MAX as f64; 6], "overflows"),
+    ] {
+        let mut counts = Tensor::new(place, Elem::I64, &[c], None, &values);
+        let counts_descriptor = counts.descriptor();
+        // SAFETY: a live descriptor of C int64 counts.
+        let mut status =
+            unsafe { cbce_update_from_counts_tensor(by_tensor.loss, &counts_descriptor) };
+        if place.is_cuda() {
+            assert_eq!(status, Status::Ok, "a cuda update only enqueues: {}", last_message());
+            status = by_tensor.synchronize();
+        }
+        assert_eq!(status, Status::InvalidState, "{}", last_message());
+        assert!(last_message().contains(needle), "{}", last_message());
+        assert_eq!(by_tensor.synchronize(), Status::Ok, "the error is reported once");
+        assert_eq!(by_tensor.state(), before, "bad counts leave the state unchanged");
+    }
+    out
+}
+
 /// Backward with an upstream gradient per position ("none") and a reduced one ("mean").
 fn backward_calls(place: Place) -> Outputs {
     let (n, c) = (16, 9);
@@ -940,6 +1007,7 @@ twins!(
     rows_of_every_width,
     strided_layouts,
     state_operations,
+    counts_in_tensors,
     backward_calls,
     bad_label_changes_nothing,
     empty_and_ignored_batches,

@@ -27,6 +27,7 @@ pub(crate) const OPERANDS: usize = 4;
 pub(crate) const COUNT_THREADS: u32 = 256;
 pub(crate) const COUNT_TILE: usize = 4096;
 pub(crate) const SHARED_BINS: usize = 8192;
+pub(crate) const COUNTS_LOAD_THREADS: u32 = 1024;
 pub(crate) const STATE_THREADS: u32 = 1024;
 pub(crate) const PIXEL_THREADS: u32 = 256;
 pub(crate) const PIXEL_CACHE: usize = 32;
@@ -91,6 +92,17 @@ pub(crate) struct CountArgs {
     pub scalars: DevicePtr,
     pub num_classes: i64,
     pub ignore_index: i64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct CountsMoveArgs {
+    pub tensor: DevicePtr,
+    pub counts: DevicePtr,
+    pub tensor_stride: i64,
+    pub num_classes: i64,
+    pub scalars: DevicePtr,
+    pub record: DevicePtr,
 }
 
 #[repr(C)]
@@ -195,6 +207,7 @@ const _: () = {
     assert!(std::mem::size_of::<Scalars>() == 32);
     assert!(std::mem::size_of::<LabelRecord>() == 296);
     assert!(std::mem::size_of::<CountArgs>() == 1352);
+    assert!(std::mem::size_of::<CountsMoveArgs>() == 48);
     assert!(std::mem::size_of::<LabelCheckArgs>() == 1584);
     assert!(std::mem::size_of::<UpdateArgs>() == 56);
     assert!(std::mem::size_of::<WeightArgs>() == 32);
@@ -214,6 +227,8 @@ pub(crate) const LABEL_NAMES: [&str; 3] = ["i64", "i32", "u8"];
 pub(crate) struct Kernels {
     pub class_counts: [Function; 3],
     pub label_check: [Function; 3],
+    pub counts_store: Function,
+    pub counts_load: Function,
     pub state_update: Function,
     pub state_reset: Function,
     pub class_weights: Function,
@@ -248,6 +263,8 @@ impl Kernels {
         Ok(Kernels {
             class_counts: by_label(&counts, "class_counts")?,
             label_check: by_label(&counts, "label_check")?,
+            counts_store: counts.function("counts_store_i64")?,
+            counts_load: counts.function("counts_load_i64")?,
             state_update: state.function("state_update_f64")?,
             state_reset: state.function("state_reset_f64")?,
             class_weights: state.function("class_weights_f32")?,

@@ -2,10 +2,11 @@
 //! enqueued on the caller's stream in the primary context of the handle's device.
 //!
 //! Nothing here waits for the device except the calls that hand results to the host
-//! (prevalences, weights, state, counts, and a forward call's optional host outputs) and
-//! [`CudaLoss::synchronize`]. A label outside [0, C) is found by the counting kernel, which
-//! then keeps the state unchanged and leaves a record in device memory; the next of those
-//! synchronising calls reads the record and fails with the label's error.
+//! (prevalences, weights, state, host counts, and a forward call's optional host outputs) and
+//! [`CudaLoss::synchronize`]. A label outside [0, C) is found by the counting kernel, and
+//! invalid counts from a device tensor by the kernel that loads them; either then keeps the
+//! state unchanged and leaves a record in device memory, and the next of those synchronising
+//! calls reads the record and fails with its error.
 
 use super::driver::{
     driver, Api, Attribute, DeviceBuffer, DevicePtr, Event, Launch, PinnedBuffer, PrimaryContext,
@@ -167,6 +168,38 @@ impl CudaLoss {
             self.enqueue_counts(inner, target, ignore_index, false)?;
             inner.finish()?;
             inner.read_words(inner.counts.ptr, inner.num_classes)
+        })
+    }
+
+    /// Counts the labels of `target` into the caller's device tensor `counts` (int64, shape
+    /// (C), checked by the caller), enqueued without waiting.
+    pub(crate) fn class_counts_into(
+        &self,
+        target: &Tensor<'_>,
+        ignore_index: i64,
+        counts: &Tensor<'_>,
+    ) -> Result<()> {
+        check_device(counts, self.ordinal)?;
+        let tensor = address(counts, 8)?;
+        let stride = counts.strides[0] as i64;
+        self.with(|inner| {
+            self.enqueue_counts(inner, target, ignore_index, false)?;
+            inner.enqueue_counts_store(tensor, stride)?;
+            inner.finish()
+        })
+    }
+
+    /// Updates the prevalences from the caller's device tensor `counts` (int64, shape (C),
+    /// checked by the caller), enqueued without waiting; invalid counts are found on the
+    /// device, leave the state unchanged, and are reported by the next synchronising call.
+    pub(crate) fn update_from_counts_tensor(&self, counts: &Tensor<'_>) -> Result<()> {
+        check_device(counts, self.ordinal)?;
+        let tensor = address(counts, 8)?;
+        let stride = counts.strides[0] as i64;
+        self.with(|inner| {
+            inner.enqueue_counts_load(tensor, stride)?;
+            inner.enqueue_update(&self.config, true)?;
+            inner.finish()
         })
     }
 
@@ -427,6 +460,9 @@ fn validate(options: &ForwardOptions) -> Result<()> {
     Ok(())
 }
 
+/// The `set` value of a record of invalid counts (a bad label's is 1).
+const COUNTS_RECORD: u64 = 2;
+
 fn blocks(tiles: i64) -> u32 {
     (tiles.max(0) as usize).min(MAX_BLOCKS) as u32
 }
@@ -478,6 +514,15 @@ impl Inner {
         self.api.memset_8(self.record.ptr, 0, 8, self.stream)?;
         self.finish()?;
         let (position, label, ignore_index) = (words[1], words[2] as i64, words[3] as i64);
+        if words[0] == COUNTS_RECORD {
+            // The messages of the host's checks of the same counts.
+            return Err(Error::InvalidState(match usize::try_from(position) {
+                Ok(class) if position != u64::MAX => {
+                    format!("count {label} of class {class} is negative")
+                }
+                _ => "the counts' total overflows 64 bits".into(),
+            }));
+        }
         let ndim = words[4] as usize;
         let shape: Vec<usize> =
             words[5..5 + ndim.min(MAX_AXES)].iter().map(|&d| d as usize).collect();
@@ -567,6 +612,49 @@ impl Inner {
         // scalars are this handle's.
         unsafe {
             self.api.launch(self.kernels.class_counts[label], shape, stream, &args, "class_counts")
+        }
+    }
+
+    /// Writes the handle's counts into the caller's int64 tensor at `tensor` (element 0)
+    /// with stride `stride`.
+    fn enqueue_counts_store(&self, tensor: DevicePtr, stride: i64) -> Result<()> {
+        let args = self.counts_move_args(tensor, stride);
+        let shape = Launch {
+            blocks: self.num_classes.div_ceil(COUNT_THREADS as usize).min(4096) as u32,
+            threads: COUNT_THREADS,
+            shared_bytes: 0,
+        };
+        // SAFETY: CountsMoveArgs mirrors counts.cu's; `tensor` is the caller's checked int64
+        // device tensor of C elements at `stride`, which overlap neither one another nor the
+        // target, and the counts are this handle's C-element buffer.
+        unsafe {
+            self.api.launch(self.kernels.counts_store, shape, self.stream, &args, "counts_store")
+        }
+    }
+
+    /// Copies the caller's int64 tensor at `tensor` (element 0, stride `stride`) into the
+    /// handle's counts, checking them; an update with `checked` then skips invalid counts.
+    fn enqueue_counts_load(&self, tensor: DevicePtr, stride: i64) -> Result<()> {
+        let args = CountsMoveArgs {
+            scalars: self.scalars.ptr,
+            record: self.record.ptr,
+            ..self.counts_move_args(tensor, stride)
+        };
+        let one = Launch { blocks: 1, threads: COUNTS_LOAD_THREADS, shared_bytes: 0 };
+        // SAFETY: CountsMoveArgs mirrors counts.cu's; `tensor` is the caller's checked int64
+        // device tensor of C elements at `stride`, only read; counts, scalars and record are
+        // this handle's.
+        unsafe { self.api.launch(self.kernels.counts_load, one, self.stream, &args, "counts_load") }
+    }
+
+    fn counts_move_args(&self, tensor: DevicePtr, stride: i64) -> CountsMoveArgs {
+        CountsMoveArgs {
+            tensor,
+            counts: self.counts.ptr,
+            tensor_stride: stride,
+            num_classes: self.num_classes as i64,
+            scalars: 0,
+            record: 0,
         }
     }
 

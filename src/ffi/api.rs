@@ -280,20 +280,111 @@ pub unsafe extern "C" fn cbce_update_from_counts(
         check_len("counts", len, loss.backend.num_classes())?;
         let counts = ptr::slice(counts, len, "counts")?;
 
-        let counts = counts
-            .iter()
-            .enumerate()
-            .map(|(class, &count)| {
-                u64::try_from(count).map_err(|_| {
-                    Error::InvalidState(format!("count {count} of class {class} is negative"))
-                })
-            })
-            .collect::<Result<Vec<u64>>>()?;
+        let counts = unsigned_counts(counts.iter().copied())?;
 
         match &loss.backend {
             Backend::Cpu(loss) => loss.update_from_counts(&counts),
             #[cfg(feature = "cuda")]
             Backend::Cuda(loss) => loss.update_from_counts(&counts),
+        }
+    })
+}
+
+/// `cbce_class_counts` into a tensor: counts the labels of `target` per class into `counts`,
+/// an int64 tensor of shape (C) with any strides whose elements do not overlap, dropping
+/// labels outside [0, C) and `ignore_index`, without changing the state. The library only
+/// borrows both tensors for the call; the caller owns them.
+///
+/// On a CPU handle `counts` is host memory and is written before the call returns. On a CUDA
+/// handle `target` and `counts` are memory of the handle's device (or managed memory): the
+/// call only enqueues the counting and the write on the handle's stream and returns without
+/// waiting, so the counts can stay on the device for the next work on that stream, for example
+/// an NCCL all-reduce followed by `cbce_update_from_counts_tensor`. Read them only after that
+/// stream has reached this point.
+///
+/// Any thread may call it; `counts` must not be written by anything else until the call (on
+/// CUDA, its enqueued work) is done. `counts` is written only on success.
+///
+/// Statuses: NULL_POINTER; UNSUPPORTED_DTYPE (a target that is not int64, int32 or uint8, or
+/// counts that are not int64); SHAPE_MISMATCH (counts not of shape (C)); INVALID_LAYOUT (bad
+/// strides, counts overlapping themselves or the target); DEVICE_MISMATCH.
+///
+/// # Safety
+/// Non-NULL pointers must point to valid objects; `target` must describe live memory, and
+/// `counts` live memory that nothing else accesses during the call.
+#[no_mangle]
+pub unsafe extern "C" fn cbce_class_counts_tensor(
+    loss: *const CbceLoss,
+    target: *const CbceTensor,
+    ignore_index: i64,
+    counts: *const CbceTensor,
+) -> Status {
+    boundary::status(|| {
+        let loss = ptr::reference(loss, "loss")?;
+        let target = Tensor::new(target, "target")?;
+        let counts = Tensor::new(counts, "counts")?;
+        check_counts_tensor(&counts, loss.backend.num_classes())?;
+        counts.check_no_self_overlap()?;
+        ptr::check_disjoint(&counts, &target, 8)?;
+
+        match &loss.backend {
+            Backend::Cpu(loss) => {
+                check_host(&counts)?;
+                let tally = counts_of(loss, &target, ignore_index)?;
+                let mut out = counts.view_mut::<i64>()?;
+                for (slot, &count) in out.iter_mut().zip(&tally) {
+                    *slot = count as i64;
+                }
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(loss) => loss.class_counts_into(&target, ignore_index, &counts),
+        }
+    })
+}
+
+/// `cbce_update_from_counts` from a tensor: updates the running prevalences from `counts`, an
+/// int64 tensor of shape (C) with any strides, for example counts that an all-reduce summed
+/// over ranks. Gives exactly the state `cbce_update_from_counts` gives with the same values.
+/// The library only borrows `counts` for the call; the caller owns it.
+///
+/// On a CPU handle `counts` is host memory; a negative count or a total that overflows 64 bits
+/// fails with INVALID_STATE and changes nothing.
+///
+/// On a CUDA handle `counts` is memory of the handle's device (or managed memory), read in
+/// stream order: the call only enqueues the update on the handle's stream and returns without
+/// waiting, so `counts` may be written by earlier work on that stream (an NCCL all-reduce) and
+/// must stay unchanged until the handle's work reaches this point. Negative counts or an
+/// overflowing total are found on the device: the update leaves the state unchanged, and the
+/// next waiting call (see `cbce_set_stream`) returns INVALID_STATE with the class and count
+/// instead of its own results (once; the call after it succeeds).
+///
+/// Any thread may call it.
+///
+/// Statuses: NULL_POINTER; UNSUPPORTED_DTYPE (counts that are not int64); SHAPE_MISMATCH
+/// (counts not of shape (C)); INVALID_LAYOUT; DEVICE_MISMATCH; INVALID_STATE (a negative count,
+/// or a total that overflows).
+///
+/// # Safety
+/// Non-NULL pointers must point to valid objects; `counts` must describe live memory.
+#[no_mangle]
+pub unsafe extern "C" fn cbce_update_from_counts_tensor(
+    loss: *const CbceLoss,
+    counts: *const CbceTensor,
+) -> Status {
+    boundary::status(|| {
+        let loss = ptr::reference(loss, "loss")?;
+        let counts = Tensor::new(counts, "counts")?;
+        check_counts_tensor(&counts, loss.backend.num_classes())?;
+
+        match &loss.backend {
+            Backend::Cpu(loss) => {
+                check_host(&counts)?;
+                let values = unsigned_counts(counts.view::<i64>()?.iter().copied())?;
+                loss.update_from_counts(&values)
+            }
+            #[cfg(feature = "cuda")]
+            Backend::Cuda(loss) => loss.update_from_counts_tensor(&counts),
         }
     })
 }
@@ -601,7 +692,10 @@ pub unsafe extern "C" fn cbce_reset(loss: *const CbceLoss) -> Status {
 /// `weights_used` or `weight_sum` is given. A label outside [0, C) is found on the device: the
 /// call that had it leaves the state unchanged and writes NaN into its loss and gradient, and
 /// the next waiting call returns LABEL_OUT_OF_RANGE with that label and position instead of
-/// its own results (once; the call after it succeeds).
+/// its own results (once; the call after it succeeds). In the same way, negative counts or an
+/// overflowing total given to `cbce_update_from_counts_tensor` leave the state unchanged and
+/// make the next waiting call return INVALID_STATE. `cbce_class_counts_tensor` and
+/// `cbce_update_from_counts_tensor` do not wait.
 ///
 /// Statuses: NULL_POINTER (`loss`); UNSUPPORTED (a CPU handle); CUDA_ERROR.
 ///
@@ -629,10 +723,12 @@ pub unsafe extern "C" fn cbce_set_stream(
 }
 
 /// Waits until the work a CUDA handle enqueued has finished, and reports a label outside
-/// [0, C) found since the last wait (see `cbce_set_stream`). On a CPU handle nothing is ever
-/// pending, and it returns OK.
+/// [0, C), or counts given to `cbce_update_from_counts_tensor` that were negative or
+/// overflowed, found since the last wait (see `cbce_set_stream`); only the first such error is
+/// kept. On a CPU handle nothing is ever pending, and it returns OK.
 ///
-/// Statuses: NULL_POINTER; LABEL_OUT_OF_RANGE; CUDA_ERROR.
+/// Statuses: NULL_POINTER; LABEL_OUT_OF_RANGE; INVALID_STATE (bad counts on the device);
+/// CUDA_ERROR.
 ///
 /// # Safety
 /// `loss` must be a valid handle.
@@ -652,6 +748,36 @@ pub unsafe extern "C" fn cbce_synchronize(loss: *const CbceLoss) -> Status {
 fn check_len(name: &'static str, actual: usize, expected: usize) -> Result<()> {
     if actual != expected {
         return Err(Error::BufferLength { name, expected, actual });
+    }
+    Ok(())
+}
+
+/// The counts of C classes from C, each checked not to be negative.
+fn unsigned_counts(counts: impl Iterator<Item = i64>) -> Result<Vec<u64>> {
+    counts
+        .enumerate()
+        .map(|(class, count)| {
+            u64::try_from(count).map_err(|_| {
+                Error::InvalidState(format!("count {count} of class {class} is negative"))
+            })
+        })
+        .collect()
+}
+
+/// Fails unless `counts` is an int64 tensor of shape (C).
+fn check_counts_tensor(counts: &Tensor<'_>, num_classes: usize) -> Result<()> {
+    if counts.dtype() != DType::I64 {
+        return Err(Error::UnsupportedDtype {
+            tensor: counts.name,
+            dtype: counts.dtype().to_string(),
+            expected: "int64",
+        });
+    }
+    if counts.shape != [num_classes] {
+        return Err(Error::ShapeMismatch(format!(
+            "counts have shape {:?} but the loss needs [{num_classes}]",
+            counts.shape
+        )));
     }
     Ok(())
 }
