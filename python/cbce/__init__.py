@@ -252,6 +252,25 @@ class ClassBalancedLoss:
             _lib.cbce_update_from_counts(self.handle, _pointer(counts, ctypes.c_int64), counts.size)
         )
 
+    def class_counts_into(self, target, counts, ignore_index=_ffi.DEFAULT_IGNORE_INDEX):
+        """Writes the counts of `class_counts` into `counts`, an int64 tensor of shape (C) on
+        the handle's device; on a CUDA handle it is enqueued on the handle's stream without
+        waiting, so the counts can stay on the device (for example for an NCCL all-reduce)."""
+        target = self._borrow(target, "target")
+        counts = self._borrow(counts, "counts", writable=True)
+        _check(
+            _lib.cbce_class_counts_tensor(
+                self.handle, target.pointer, operator.index(ignore_index), counts.pointer
+            )
+        )
+
+    def update_from_counts_tensor(self, counts):
+        """`update_from_counts` from an int64 tensor of shape (C) on the handle's device; on a
+        CUDA handle enqueued without waiting, and bad counts are raised by the next call that
+        waits."""
+        counts = self._borrow(counts, "counts")
+        _check(_lib.cbce_update_from_counts_tensor(self.handle, counts.pointer))
+
     def prevalences(self):
         """The running prevalences (float32; NaN for classes never seen)."""
         return self._class_vector(_lib.cbce_prevalences)

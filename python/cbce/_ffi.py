@@ -113,6 +113,11 @@ PROTOTYPES = {
         [LossPointer, POINTER(Tensor), c_int64, POINTER(c_int64), c_size_t],
     ),
     "cbce_update_from_counts": (Status, [LossPointer, POINTER(c_int64), c_size_t]),
+    "cbce_class_counts_tensor": (
+        Status,
+        [LossPointer, POINTER(Tensor), c_int64, POINTER(Tensor)],
+    ),
+    "cbce_update_from_counts_tensor": (Status, [LossPointer, POINTER(Tensor)]),
     "cbce_prevalences": (Status, [LossPointer, POINTER(c_float), c_size_t]),
     "cbce_weights": (Status, [LossPointer, POINTER(c_float), c_size_t]),
     "cbce_forward": (

@@ -373,6 +373,26 @@ def test_counts_then_update_equals_update():
     assert summed.get_state() == together.get_state()
 
 
+def test_counts_in_tensors_equal_the_pointer_forms():
+    rng = np.random.default_rng(5)
+    by_pointer = cbce.ClassBalancedLoss(6, ema_decay=0.8)
+    by_tensor = cbce.ClassBalancedLoss(6, ema_decay=0.8)
+    for _ in range(3):
+        target = rng.integers(-1, 8, size=(4, 9))
+        memory = np.full(12, -7, dtype=np.int64)
+        by_tensor.class_counts_into(target, memory[::2])
+        counts = by_pointer.class_counts(target)
+        np.testing.assert_array_equal(memory[::2], counts)
+        assert (memory[1::2] == -7).all()
+        by_pointer.update_from_counts(counts)
+        by_tensor.update_from_counts_tensor(memory[::2])
+        assert by_tensor.get_state() == by_pointer.get_state()
+    before = by_tensor.get_state()
+    with pytest.raises(cbce.CbceError, match="count -2 of class 1 is negative"):
+        by_tensor.update_from_counts_tensor(np.array([3, -2, 0, 0, 0, 1], dtype=np.int64))
+    assert by_tensor.get_state() == before
+
+
 def test_one_loss_shared_by_threads():
     rng = np.random.default_rng(6)
     logits, target = random_problem(rng, (64, 8), 8)
