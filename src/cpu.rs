@@ -1,11 +1,14 @@
 //! The CPU core: one cheap pass over the labels (counts and the range check), then one fused
 //! pass over the logits that yields the loss and writes the gradient, both on Rayon.
 //!
-//! The fused pass takes each position's row of C logits into a small buffer, so each logit is
-//! read from memory once and exponentiated once. Rows whose classes are contiguous ((N, C),
-//! channels-last) are taken one at a time; when positions are contiguous instead (NCHW), a
-//! block of positions is taken for all classes at once, so the work vectorises along the
-//! spatial axis. Sums are made per fixed chunk in double precision and added in chunk order.
+//! The fused pass takes the logits into a small buffer, so each logit is read from memory once
+//! and exponentiated once. Long contiguous rows ((N, C) with many classes) are taken one at a
+//! time and vectorised along the classes. Otherwise a block of positions is taken for all
+//! classes at once, class-major, so that the work vectorises along the positions: straight from
+//! memory when positions are contiguous (NCHW), transposed in tiles when rows of few classes
+//! are (channels-last, small C). Float32 gradients are written with non-temporal stores. Sums
+//! are made per fixed chunk in double precision and added in chunk order, so no result depends
+//! on the number of threads or on which vector instructions the CPU has.
 
 use crate::dtype::{Label, Logit, Real};
 use crate::layout::{Chunk, Geometry, GRAD, LOGITS, PER_POSITION, TARGET};
