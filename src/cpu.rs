@@ -437,14 +437,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
                     }
                 }
             }
-            total[..len].fill(zero);
-            for c in 0..num_classes {
-                let row = &mut values[c * block..c * block + len];
-                for ((x, &m), t) in row.iter_mut().zip(&max[..len]).zip(total[..len].iter_mut()) {
-                    *x = (*x - m).exp();
-                    *t = *t + *x;
-                }
-            }
+            exp_block(values, block, len, num_classes, &max[..len], &mut total[..len]);
 
             // The loss of each position; an ignored one has loss 0 whatever its logits.
             let per_position = loss[..len].iter_mut().zip(&total[..len]).zip(&target_shift[..len]);
@@ -726,6 +719,47 @@ const TILE: usize = 8;
 
 /// Number of per-position arrays of the block kernel.
 const PER_POSITION_ARRAYS: usize = 11;
+
+/// Replaces each of the first `len` values of the `num_classes` rows of length `block` by
+/// e^(value - max) of its position, and writes each position's sum of them (in class order)
+/// into `total`. Positions go `REGISTER_TILE` at a time, so that their maxima and sums stay in
+/// registers across all classes.
+#[inline(always)]
+fn exp_block<A: Real>(
+    values: &mut [A],
+    block: usize,
+    len: usize,
+    num_classes: usize,
+    max: &[A],
+    total: &mut [A],
+) {
+    let tiled = len / REGISTER_TILE * REGISTER_TILE;
+    for start in (0..tiled).step_by(REGISTER_TILE) {
+        let m: [A; REGISTER_TILE] = max[start..start + REGISTER_TILE].try_into().expect("a tile");
+        let mut sums = [A::ZERO; REGISTER_TILE];
+        for row in values.chunks_exact_mut(block).take(num_classes) {
+            let tile: &mut [A; REGISTER_TILE] =
+                (&mut row[start..start + REGISTER_TILE]).try_into().expect("a tile");
+            for ((x, &m), sum) in tile.iter_mut().zip(&m).zip(sums.iter_mut()) {
+                *x = (*x - m).exp();
+                *sum = *sum + *x;
+            }
+        }
+        total[start..start + REGISTER_TILE].copy_from_slice(&sums);
+    }
+    total[tiled..len].fill(A::ZERO);
+    for row in values.chunks_exact_mut(block).take(num_classes) {
+        let rest = row[tiled..len].iter_mut().zip(&max[tiled..len]).zip(&mut total[tiled..len]);
+        for ((x, &m), sum) in rest {
+            *x = (*x - m).exp();
+            *sum = *sum + *x;
+        }
+    }
+}
+
+/// Positions whose running maxima and sums [`exp_block`] keeps in registers: one AVX-512
+/// register of float32.
+const REGISTER_TILE: usize = 16;
 
 /// The largest element (NaN-ignoring), over `LANES` accumulators.
 #[inline(always)]
