@@ -70,6 +70,9 @@ def time_torch(shape, dtype, channels_last, repetitions):
 
 
 def time_ours(binary, name, dtype, batch, threads):
+    # PyTorch's OpenMP workers spin for a while after a parallel region; let them go to sleep
+    # so that they do not take the cores from the benchmark.
+    time.sleep(1.0)
     command = [binary, "--csv", "--only", name, "--dtype", dtype, "--batch", str(batch)]
     if dtype == "f32":
         command.append("--quick")
