@@ -57,7 +57,8 @@ impl Default for ForwardOptions {
 }
 
 impl ForwardOptions {
-    fn validate(&self) -> Result<()> {
+    /// Checks the options that have a domain: label smoothing in [0, 1], a finite grad_scale.
+    pub(crate) fn validate(&self) -> Result<()> {
         if !(0.0..=1.0).contains(&self.label_smoothing) {
             return Err(Error::invalid_argument(
                 "label_smoothing",

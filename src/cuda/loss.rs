@@ -14,7 +14,7 @@ use super::driver::{
 };
 use super::kernels::*;
 use super::tensor::{
-    address, check_device, check_grad_shape, check_per_call_shape, check_same_dtype, class_axis,
+    address, check_device, check_grad_shape, check_per_call_shape, class_axis,
     label_index, logit_index, split_class_axis, Pass,
 };
 use crate::config::{Config, Device};
@@ -281,10 +281,10 @@ impl CudaLoss {
         grad: Option<&Tensor<'_>>,
         summary: bool,
     ) -> Result<Option<HostSummary>> {
-        validate(options)?;
+        options.validate()?;
         let call = self.checked_call(logits, target, grad)?;
         check_device(loss_out, self.ordinal)?;
-        check_same_dtype(loss_out, logits)?;
+        loss_out.check_dtype_matches(logits)?;
         check_per_call_shape("loss output", loss_out, &target.shape, options.reduction)?;
         let size = LOGIT_SIZES[call.logit];
         for output in std::iter::once(loss_out).chain(grad) {
@@ -336,10 +336,10 @@ impl CudaLoss {
         weights: &[f32],
         grad: &Tensor<'_>,
     ) -> Result<()> {
-        validate(options)?;
+        options.validate()?;
         let call = self.checked_call(logits, target, Some(grad))?;
         check_device(grad_loss, self.ordinal)?;
-        check_same_dtype(grad_loss, logits)?;
+        grad_loss.check_dtype_matches(logits)?;
         check_per_call_shape("grad_loss", grad_loss, &target.shape, options.reduction)?;
         if let Some((class, w)) = weights.iter().enumerate().find(|(_, w)| !w.is_finite()) {
             return Err(Error::invalid_argument(
@@ -386,7 +386,7 @@ impl CudaLoss {
         let label = label_index(target)?;
         if let Some(grad) = grad {
             check_device(grad, self.ordinal)?;
-            check_same_dtype(grad, logits)?;
+            grad.check_dtype_matches(logits)?;
         }
         let class_axis = class_axis(&logits.shape, &target.shape, self.num_classes())?;
         if let Some(grad) = grad {
@@ -442,22 +442,6 @@ struct Call {
     logit: usize,
     label: usize,
     class_axis: usize,
-}
-
-fn validate(options: &ForwardOptions) -> Result<()> {
-    if !(0.0..=1.0).contains(&options.label_smoothing) {
-        return Err(Error::invalid_argument(
-            "label_smoothing",
-            format!("{} is not in [0, 1]", options.label_smoothing),
-        ));
-    }
-    if !options.grad_scale.is_finite() {
-        return Err(Error::invalid_argument(
-            "grad_scale",
-            format!("{} is not finite", options.grad_scale),
-        ));
-    }
-    Ok(())
 }
 
 /// The `set` value of a record of invalid counts (a bad label's is 1).

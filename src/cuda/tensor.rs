@@ -63,18 +63,6 @@ pub(crate) fn label_index(tensor: &Tensor<'_>) -> Result<usize> {
     }
 }
 
-/// Fails unless `tensor` has the logits' dtype.
-pub(crate) fn check_same_dtype(tensor: &Tensor<'_>, logits: &Tensor<'_>) -> Result<()> {
-    if tensor.dtype() != logits.dtype() {
-        return Err(Error::UnsupportedDtype {
-            tensor: tensor.name,
-            dtype: tensor.dtype().to_string(),
-            expected: "the logits' dtype",
-        });
-    }
-    Ok(())
-}
-
 /// The class axis of logits against their target, with the CPU path's checks and messages.
 pub(crate) fn class_axis(logits: &[usize], target: &[usize], num_classes: usize) -> Result<usize> {
     if logits.is_empty() {

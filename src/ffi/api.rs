@@ -912,17 +912,10 @@ fn label_type(tensor: &Tensor<'_>) -> Result<LabelType> {
     }
 }
 
-/// Fails unless `tensor` has the same dtype as the logits.
+/// Fails unless `tensor` is host memory with the same dtype as the logits.
 fn check_same_dtype(tensor: &Tensor<'_>, logits: &Tensor<'_>) -> Result<()> {
     check_host(tensor)?;
-    if tensor.dtype() != logits.dtype() {
-        return Err(Error::UnsupportedDtype {
-            tensor: tensor.name,
-            dtype: tensor.dtype().to_string(),
-            expected: "the logits' dtype",
-        });
-    }
-    Ok(())
+    tensor.check_dtype_matches(logits)
 }
 
 /// Calls `$body` with `$T` bound to the Rust type of logits type `$logits` and `$L` to that

@@ -131,6 +131,18 @@ impl<'a> Tensor<'a> {
         DType { code, bits, lanes }
     }
 
+    /// Fails unless the tensor has the same dtype as `logits`.
+    pub(crate) fn check_dtype_matches(&self, logits: &Tensor<'_>) -> Result<()> {
+        if self.dtype() != logits.dtype() {
+            return Err(Error::UnsupportedDtype {
+                tensor: self.name,
+                dtype: self.dtype().to_string(),
+                expected: "the logits' dtype",
+            });
+        }
+        Ok(())
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.shape.iter().product()
     }
