@@ -14,8 +14,8 @@ use super::driver::{
 };
 use super::kernels::*;
 use super::tensor::{
-    address, check_device, check_grad_shape, check_per_call_shape, class_axis,
-    label_index, logit_index, split_class_axis, Pass,
+    address, check_device, check_grad_shape, check_per_call_shape, class_axis, label_index,
+    logit_index, split_class_axis, Pass,
 };
 use crate::config::{Config, Device};
 use crate::error::{Error, Result};
