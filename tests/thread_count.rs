@@ -6,18 +6,12 @@
 use cbce::{ClassBalancedLoss, Config, ForwardOptions, Reduction};
 use ndarray::{ArrayD, IxDyn, ShapeBuilder};
 
-/// Deterministic values in [-6, 6) and labels in [0, classes) with some ignored (SplitMix64).
+mod common;
+
+/// `len` seeded uniform values in [0, 1).
 fn data(len: usize, seed: u64) -> Vec<f64> {
-    let mut state = seed;
-    (0..len)
-        .map(|_| {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-        })
-        .collect()
+    let mut rng = common::Prng::new(seed);
+    (0..len).map(|_| rng.unit()).collect()
 }
 
 struct Outcome {
