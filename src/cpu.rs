@@ -2,25 +2,27 @@
 //! pass over the logits that yields the loss and writes the gradient, both on Rayon.
 //!
 //! The fused pass takes the logits into a small buffer, so each logit is read from memory once
-//! and exponentiated once. Long contiguous rows ((N, C) with many classes) are taken one at a
-//! time and vectorised along the classes. Otherwise a block of positions is taken for all
-//! classes at once, class-major, so that the work vectorises along the positions: straight from
-//! memory when positions are contiguous (NCHW), transposed in tiles when rows of few classes
-//! are (channels-last, small C). Float32 gradients are written with non-temporal stores. Sums
-//! are made per fixed chunk in double precision and added in chunk order, so no result depends
-//! on the number of threads or on which vector instructions the CPU has.
+//! and exponentiated once. Three kernels share the work. Positions contiguous in memory (NCHW)
+//! go in tiles of 32 positions with all their classes, on explicit lane vectors ([`simd`]),
+//! with the logits prefetched far ahead and the float32 gradient written by streaming stores.
+//! Long contiguous rows ((N, C) with many classes) are taken one at a time and vectorised along
+//! the classes. Everything else goes in blocks of positions, transposed in tiles when rows of
+//! few classes are contiguous (channels-last, small C). Sums are made per fixed chunk in double
+//! precision and added in chunk order, so no result depends on the number of threads, on where
+//! the buffers start, or on which vector instructions the CPU has.
 
 use crate::dtype::{Label, Logit, Real};
+use crate::isa::Isa;
 use crate::layout::{Chunk, Geometry, GRAD, LOGITS, PER_POSITION, TARGET};
-use crate::strided::{self, Sink, Source};
+use crate::simd::{self, F32Lanes};
+use crate::strided::{self, Sink, Source, CACHE_LINE};
 use rayon::prelude::*;
+use std::any::TypeId;
 
 /// Positions per chunk of the label scan.
 const SCAN_CHUNK: usize = 1 << 15;
 /// Logits per chunk of the fused pass (a chunk holds `FUSED_CHUNK_LOGITS / C` positions).
 const FUSED_CHUNK_LOGITS: usize = 1 << 17;
-/// Bytes of a cache line.
-const CACHE_LINE: usize = 64;
 /// Logits per block of the spatial kernel: the block's buffer stays in the L2 cache.
 const BLOCK_LOGITS: usize = 16384;
 
@@ -114,10 +116,14 @@ struct Coefficients<A> {
     spread: A,
 }
 
-/// Which kernel a pass runs: rows of classes one at a time, or blocks of positions.
+/// Which kernel a pass runs.
 #[derive(Clone, Copy, PartialEq)]
 enum Kernel {
+    /// Rows of many contiguous classes, one at a time.
     Rows,
+    /// Tiles of positions contiguous in memory (NCHW), with all their classes.
+    Tiles,
+    /// Blocks of positions with all their classes, transposed where rows are short.
     Blocks,
 }
 
@@ -129,6 +135,22 @@ const ROW_KERNEL_MIN_CLASSES: usize = 64;
 /// fixed order, so results do not depend on the vector width the CPU offers.
 const LANES: usize = 8;
 
+/// Positions of a tile of the spatial kernel: one lane vector, two cache lines of float32.
+const TILE: usize = simd::LANES;
+
+/// Classes up to which the tile kernel serves contiguous positions: its buffer of
+/// `TILE * C` values stays within the L2 cache.
+const TILE_KERNEL_MAX_CLASSES: usize = 2048;
+
+/// How far ahead of its tile the tile kernel asks for logits, in bytes over all classes: into
+/// the L1 cache a little ahead, and into the L2 cache far ahead. NCHW planes are far apart,
+/// more streams than the hardware prefetchers follow, so without it loads wait on memory.
+const PREFETCH_L1_BYTES: usize = 12 << 10;
+const PREFETCH_L2_BYTES: usize = 256 << 10;
+/// The bounds of each class's prefetch distance, in bytes.
+const PREFETCH_L1_RANGE: (usize, usize) = (2 * CACHE_LINE, 8 * CACHE_LINE);
+const PREFETCH_L2_RANGE: (usize, usize) = (8 * CACHE_LINE, 256 * CACHE_LINE);
+
 /// Per-thread working memory of the kernels, reused from chunk to chunk.
 pub(crate) struct Scratch<T: Logit> {
     values: Vec<T::Acc>,
@@ -136,6 +158,8 @@ pub(crate) struct Scratch<T: Logit> {
     labels: Vec<i64>,
     /// One run of gradient values in the logits' type, ready to be written out.
     out_row: Vec<T>,
+    /// The tile kernel's C runs of `TILE` values.
+    tile: Vec<f32>,
 }
 
 impl<T: Logit> Scratch<T> {
@@ -145,6 +169,7 @@ impl<T: Logit> Scratch<T> {
             per_position: Vec::new(),
             labels: Vec::new(),
             out_row: Vec::new(),
+            tile: Vec::new(),
         }
     }
 }
@@ -152,6 +177,11 @@ impl<T: Logit> Scratch<T> {
 impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
     /// Runs the pass; returns the sum of all positions' losses (ignored ones count 0).
     pub(crate) fn run(&self) -> f64 {
+        self.run_with(Isa::detect())
+    }
+
+    /// [`FusedPass::run`] with the kernels built for `isa`, which this CPU must run.
+    pub(crate) fn run_with(&self, isa: Isa) -> f64 {
         let num_classes = self.weights.len();
         let coefficients = Coefficients {
             weights: self.weights.iter().map(|&w| T::Acc::from_f64(w as f64)).collect(),
@@ -159,19 +189,30 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
             keep: T::Acc::from_f64(1.0 - self.label_smoothing),
             spread: T::Acc::from_f64(self.label_smoothing / num_classes as f64),
         };
-        let chunk_len = (FUSED_CHUNK_LOGITS / num_classes).max(1);
         let contiguous_rows = self.logits_class_stride == 1 && num_classes > ROW_KERNEL_MIN_CLASSES;
-        let kernel = if contiguous_rows || num_classes * 8 > BLOCK_LOGITS {
+        let single_precision = TypeId::of::<T::Acc>() == TypeId::of::<f32>();
+        let kernel = if single_precision
+            && self.geometry.inner_stride(LOGITS) == 1
+            && num_classes <= TILE_KERNEL_MAX_CLASSES
+        {
+            Kernel::Tiles
+        } else if contiguous_rows || num_classes * 8 > BLOCK_LOGITS {
             Kernel::Rows
         } else {
             Kernel::Blocks
+        };
+        // Whole tiles per chunk, so that every tile of a line starts where the first does:
+        // on a cache line, for aligned planes.
+        let chunk_len = match kernel {
+            Kernel::Tiles => (FUSED_CHUNK_LOGITS / num_classes / TILE).max(1) * TILE,
+            _ => (FUSED_CHUNK_LOGITS / num_classes).max(1),
         };
 
         let partials: Vec<f64> = (0..self.geometry.chunk_count(chunk_len))
             .into_par_iter()
             .map_init(Scratch::new, |scratch, index| {
                 let chunk = self.geometry.chunk(index, chunk_len);
-                let sum = self.run_chunk(kernel, &chunk, &coefficients, scratch);
+                let sum = self.run_chunk(isa, kernel, &chunk, &coefficients, scratch);
                 // The chunk's non-temporal gradient stores complete before its result is seen.
                 strided::fence();
                 sum
@@ -180,31 +221,28 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         partials.iter().sum()
     }
 
-    /// Runs one chunk with the widest vector instructions this CPU has. Every variant performs
-    /// the same floating-point operations in the same order, so all give the same bits.
+    /// Runs one chunk with the kernels built for `isa`.
     fn run_chunk(
         &self,
+        isa: Isa,
         kernel: Kernel,
         chunk: &Chunk,
         k: &Coefficients<T::Acc>,
         scratch: &mut Scratch<T>,
     ) -> f64 {
-        #[cfg(all(target_arch = "x86_64", not(miri)))]
-        {
-            if std::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F, detected just above.
-                return unsafe { self.run_chunk_avx512(kernel, chunk, k, scratch) };
-            }
-            if std::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2, detected just above.
-                return unsafe { self.run_chunk_avx2(kernel, chunk, k, scratch) };
-            }
+        match isa {
+            // SAFETY: the caller passes an instruction set this CPU runs.
+            #[cfg(all(target_arch = "x86_64", not(miri)))]
+            Isa::Avx512 => unsafe { self.run_chunk_avx512(kernel, chunk, k, scratch) },
+            // SAFETY: as above.
+            #[cfg(all(target_arch = "x86_64", not(miri)))]
+            Isa::Avx2 => unsafe { self.run_chunk_avx2(kernel, chunk, k, scratch) },
+            _ => self.run_chunk_portable::<simd::Lanes>(kernel, chunk, k, scratch),
         }
-        self.run_chunk_portable(kernel, chunk, k, scratch)
     }
 
     #[cfg(all(target_arch = "x86_64", not(miri)))]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,fma")]
     unsafe fn run_chunk_avx512(
         &self,
         kernel: Kernel,
@@ -212,11 +250,11 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         k: &Coefficients<T::Acc>,
         scratch: &mut Scratch<T>,
     ) -> f64 {
-        self.run_chunk_portable(kernel, chunk, k, scratch)
+        self.run_chunk_portable::<simd::Avx512>(kernel, chunk, k, scratch)
     }
 
     #[cfg(all(target_arch = "x86_64", not(miri)))]
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn run_chunk_avx2(
         &self,
         kernel: Kernel,
@@ -224,11 +262,12 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         k: &Coefficients<T::Acc>,
         scratch: &mut Scratch<T>,
     ) -> f64 {
-        self.run_chunk_portable(kernel, chunk, k, scratch)
+        self.run_chunk_portable::<simd::Avx2>(kernel, chunk, k, scratch)
     }
 
+    /// Runs one chunk, the tile kernel on lane vectors `V`.
     #[inline(always)]
-    fn run_chunk_portable(
+    fn run_chunk_portable<V: F32Lanes>(
         &self,
         kernel: Kernel,
         chunk: &Chunk,
@@ -237,6 +276,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
     ) -> f64 {
         match kernel {
             Kernel::Rows => self.row_chunk(chunk, k, scratch),
+            Kernel::Tiles => self.tile_chunk::<V>(chunk, k, &mut scratch.tile),
             Kernel::Blocks => self.block_chunk(chunk, k, scratch),
         }
     }
@@ -375,6 +415,172 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
             }
         }
         sum
+    }
+
+    /// Tiles of `TILE` consecutive positions with all their classes, in float32: the kernel for
+    /// positions contiguous in memory (NCHW). A tile's logits are read once into C runs of
+    /// `TILE` values that stay in the L1 cache, every step works on whole lane vectors along
+    /// the positions, and the gradient goes from there straight to memory, one run per class.
+    /// The last tile of a chunk may be short; its missing lanes hold logits 0 and no label, and
+    /// are never written. The operations and their order are those of [`Self::block_chunk`].
+    #[inline(always)]
+    fn tile_chunk<V: F32Lanes>(
+        &self,
+        chunk: &Chunk,
+        k: &Coefficients<T::Acc>,
+        tile: &mut Vec<f32>,
+    ) -> f64 {
+        let num_classes = self.weights.len();
+        let single = |x: T::Acc| x.to_f64() as f32;
+        let (keep, spread) = (V::splat(single(k.keep)), V::splat(single(k.spread)));
+        let weight_total = V::splat(single(k.weight_total));
+        let zero = V::splat(0.0);
+        let smoothing_on = self.label_smoothing != 0.0;
+        let class_stride = self.logits_class_stride;
+        tile.resize(num_classes * TILE, 0.0);
+        let (rows, _) = tile.as_chunks_mut::<TILE>();
+        let size = std::mem::size_of::<T>();
+        let lines_per_tile = (TILE * size).div_ceil(CACHE_LINE);
+        let per_line = (CACHE_LINE / size) as isize;
+        let distance = |budget: usize, (low, high): (usize, usize)| {
+            ((budget / num_classes).clamp(low, high) / CACHE_LINE * per_line as usize) as isize
+        };
+        let near = distance(PREFETCH_L1_BYTES, PREFETCH_L1_RANGE);
+        let far = distance(PREFETCH_L2_BYTES, PREFETCH_L2_RANGE);
+        // Loss sums of the positions p of the chunk with the same p % TILE, added in that order
+        // at the end: the same sums however the tiles fall.
+        let mut sums = [0.0f64; TILE];
+        let first_len = self.tile_phase(chunk).min(chunk.len);
+
+        let mut start = 0;
+        while start < chunk.len {
+            let len =
+                if start == 0 && first_len > 0 { first_len } else { TILE.min(chunk.len - start) };
+            let base = chunk.offsets[LOGITS] + start as isize;
+
+            // Each lane's class (exact in float32), row and weight; class -1, row 0 and weight 0
+            // for an ignored position or a missing lane.
+            let mut labels = [0i64; TILE];
+            self.load_labels(chunk, start, &mut labels[..len]);
+            let mut class = [-1.0f32; TILE];
+            let mut target_row = [0usize; TILE];
+            let mut target_weight = [0.0f32; TILE];
+            for (i, &label) in labels[..len].iter().enumerate() {
+                if label != self.ignore_index {
+                    class[i] = label as f32;
+                    target_row[i] = label as usize;
+                    target_weight[i] = self.weights[label as usize];
+                }
+            }
+
+            let mut max = V::splat(f32::NEG_INFINITY);
+            for (c, row) in rows.iter_mut().enumerate() {
+                let plane = base + c as isize * class_stride;
+                for line in 0..lines_per_tile as isize {
+                    self.logits.prefetch(plane + near + line * per_line);
+                    self.logits.prefetch_l2(plane + far + line * per_line);
+                }
+                let x: V = self.logits.read_lanes(plane, len);
+                *row = x.to_array();
+                max = max.larger(x);
+            }
+            let target_logit: [f32; TILE] = std::array::from_fn(|i| rows[target_row[i]][i]);
+            let class_lanes = V::from_array(&class);
+            let ignored = class_lanes.less(zero);
+            let target_shift = V::select(ignored, zero, V::from_array(&target_logit).sub(max));
+            // Label smoothing needs sum_c w_c (x_c - max) before the exponentials replace x.
+            let mut shift = zero;
+            if smoothing_on {
+                for (row, &w) in rows.iter().zip(self.weights) {
+                    shift = shift.add(V::splat(w).mul(V::from_array(row).sub(max)));
+                }
+            }
+            let mut total = zero;
+            for row in rows.iter_mut() {
+                let e = simd::exp(V::from_array(row).sub(max));
+                *row = e.to_array();
+                total = total.add(e);
+            }
+
+            // The loss of each position; an ignored one has loss 0 whatever its logits.
+            let target_weight = V::from_array(&target_weight);
+            let log_total = simd::ln(total);
+            let mut loss = keep.mul(target_weight).mul(log_total.sub(target_shift));
+            if smoothing_on {
+                loss = loss.add(spread.mul(weight_total.mul(log_total).sub(shift)));
+            }
+            let loss = V::select(ignored, zero, loss).to_array();
+            for (i, &l) in loss[..len].iter().enumerate() {
+                sums[(start + i) % TILE] += l as f64;
+            }
+            if self.losses.is_some() {
+                for (i, &l) in loss[..len].iter().enumerate() {
+                    self.store_loss(chunk, start + i, T::Acc::from_f64(l as f64));
+                }
+            }
+
+            if let Some((grad, grad_class_stride)) = &self.grad {
+                let upstream = match &self.upstream {
+                    Upstream::Uniform(value) => V::splat(*value as f32),
+                    Upstream::PerPosition(_) => {
+                        let mut lanes = [0.0f32; TILE];
+                        for (i, u) in lanes[..len].iter_mut().enumerate() {
+                            *u = single(self.upstream_at(chunk, start + i));
+                        }
+                        V::from_array(&lanes)
+                    }
+                };
+                // Gradient factors; an ignored position gets 0 * softmax, which is NaN where
+                // the softmax is, as in PyTorch.
+                let factor = upstream.mul(keep.mul(target_weight).add(spread.mul(weight_total)));
+                let scale = V::select(ignored, zero, factor).div(total);
+                let smoothing = V::select(ignored, zero, upstream.mul(spread));
+                let target_term = upstream.mul(keep).mul(target_weight);
+
+                let grad_position_stride = self.geometry.inner_stride(GRAD);
+                let grad_base = chunk.offsets[GRAD] + start as isize * grad_position_stride;
+                for (c, (row, &w)) in rows.iter().zip(self.weights).enumerate() {
+                    let mut g = V::from_array(row).mul(scale);
+                    if smoothing_on {
+                        g = g.sub(smoothing.mul(V::splat(w)));
+                    }
+                    let target = class_lanes.equal(V::splat(c as f32));
+                    g = V::select(target, g.sub(target_term), g);
+                    let offset = grad_base + c as isize * grad_class_stride;
+                    if grad_position_stride == 1 {
+                        // SAFETY: these positions belong to this chunk alone and the gradient
+                        // tensor does not overlap itself.
+                        unsafe { grad.write_lanes(offset, len, g) }
+                    } else {
+                        for (i, &value) in g.to_array()[..len].iter().enumerate() {
+                            let value = T::from_acc(T::Acc::from_f64(value as f64));
+                            // SAFETY: as above, one element at a time.
+                            unsafe { grad.put(offset + i as isize * grad_position_stride, value) }
+                        }
+                    }
+                }
+            }
+            start += len;
+        }
+        sums.iter().sum()
+    }
+
+    /// The length of a chunk's first tile that puts the later ones on cache lines of the
+    /// gradient (or, without one, of the logits), so that its stores can stream and no load
+    /// splits a line; 0 when the first is already there or cannot be.
+    fn tile_phase(&self, chunk: &Chunk) -> usize {
+        let size = std::mem::size_of::<T>();
+        let address = match &self.grad {
+            Some((grad, _)) if self.geometry.inner_stride(GRAD) == 1 => {
+                grad.address(chunk.offsets[GRAD])
+            }
+            _ => self.logits.address(chunk.offsets[LOGITS]),
+        };
+        if address % size != 0 {
+            return 0;
+        }
+        let per_line = CACHE_LINE / size;
+        (per_line - address % CACHE_LINE / size) % per_line
     }
 
     /// Blocks of positions, all classes of a block through the buffer at once, laid out
@@ -542,18 +748,19 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
             return;
         }
         if class_stride == 1 {
-            // Rows of few classes, transposed TILE positions at a time so that the buffer is
-            // written in runs of TILE.
+            // Rows of few classes, transposed TRANSPOSE_TILE positions at a time so that the buffer is
+            // written in runs of TRANSPOSE_TILE.
             let mut p = 0;
-            while p + TILE <= len {
-                let rows: [&[T]; TILE] = std::array::from_fn(|i| {
+            while p + TRANSPOSE_TILE <= len {
+                let rows: [&[T]; TRANSPOSE_TILE] = std::array::from_fn(|i| {
                     self.logits.slice(base + (p + i) as isize * position_stride, num_classes)
                 });
                 for (c, column) in values.chunks_exact_mut(block).take(num_classes).enumerate() {
-                    let lane: [T::Acc; TILE] = std::array::from_fn(|i| rows[i][c].to_acc());
-                    column[p..p + TILE].copy_from_slice(&lane);
+                    let lane: [T::Acc; TRANSPOSE_TILE] =
+                        std::array::from_fn(|i| rows[i][c].to_acc());
+                    column[p..p + TRANSPOSE_TILE].copy_from_slice(&lane);
                 }
-                p += TILE;
+                p += TRANSPOSE_TILE;
             }
             for p in p..len {
                 let row = self.logits.slice(base + p as isize * position_stride, num_classes);
@@ -637,21 +844,21 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
             }
         };
         if grad_class_stride == 1 {
-            // Rows of few classes, transposed back TILE positions at a time.
+            // Rows of few classes, transposed back TRANSPOSE_TILE positions at a time.
             let num_classes = self.weights.len();
             let mut p = 0;
-            while p + TILE <= len {
-                // SAFETY: as above; the TILE rows are distinct positions, so disjoint.
-                let mut rows: [&mut [T]; TILE] = std::array::from_fn(|i| unsafe {
+            while p + TRANSPOSE_TILE <= len {
+                // SAFETY: as above; the TRANSPOSE_TILE rows are distinct positions, so disjoint.
+                let mut rows: [&mut [T]; TRANSPOSE_TILE] = std::array::from_fn(|i| unsafe {
                     grad.slice_mut(grad_base + (p + i) as isize * grad_position_stride, num_classes)
                 });
-                let tile = |values: &[T::Acc]| -> [T::Acc; TILE] {
-                    values[p..p + TILE].try_into().expect("TILE values")
+                let tile = |values: &[T::Acc]| -> [T::Acc; TRANSPOSE_TILE] {
+                    values[p..p + TRANSPOSE_TILE].try_into().expect("TRANSPOSE_TILE values")
                 };
                 let (scale_tile, smoothing_tile) = (tile(scale), tile(smoothing));
                 for (c, (column, &w)) in values.chunks_exact(block).zip(&k.weights).enumerate() {
                     let column = tile(column);
-                    let lane: [T::Acc; TILE] = std::array::from_fn(|i| {
+                    let lane: [T::Acc; TRANSPOSE_TILE] = std::array::from_fn(|i| {
                         let g = column[i] * scale_tile[i];
                         if smoothing_on {
                             g - smoothing_tile[i] * w
@@ -663,7 +870,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
                         row[c] = T::from_acc(g);
                     }
                 }
-                p += TILE;
+                p += TRANSPOSE_TILE;
             }
             for p in p..len {
                 let offset = grad_base + p as isize * grad_position_stride;
@@ -715,7 +922,7 @@ struct BlockShape {
 }
 
 /// Positions transposed at once between rows of few classes and the class-major buffer.
-const TILE: usize = 8;
+const TRANSPOSE_TILE: usize = 8;
 
 /// Number of per-position arrays of the block kernel.
 const PER_POSITION_ARRAYS: usize = 11;
@@ -815,4 +1022,107 @@ fn exp_shifted_in_place<A: Real>(values: &mut [A], max: A) -> A {
     }
     let tail = groups.remainder().iter().fold(A::ZERO, |s, &x| s + x);
     lane_total(&lanes, tail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array1, ArrayD, IxDyn, ShapeBuilder};
+
+    /// Logits (N, C, H, W), NCHW or channels-last in memory, labels with some ignored.
+    fn batch(shape: [usize; 4], channels_last: bool) -> (ArrayD<f32>, ArrayD<i64>) {
+        let [n, c, h, w] = shape;
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let values: Vec<f32> =
+            (0..n * c * h * w).map(|_| (next() % 20_000) as f32 / 1000.0 - 10.0).collect();
+        let logits = if channels_last {
+            let strides = IxDyn(&[h * w * c, 1, w * c, c]);
+            ArrayD::from_shape_vec(IxDyn(&shape).strides(strides), values).unwrap()
+        } else {
+            ArrayD::from_shape_vec(IxDyn(&shape), values).unwrap()
+        };
+        let labels = (0..n * h * w)
+            .map(|_| match next() % 23 {
+                0 => -100,
+                k => (k % c as u64) as i64,
+            })
+            .collect();
+        (logits, ArrayD::from_shape_vec(IxDyn(&[n, h, w]), labels).unwrap())
+    }
+
+    /// Runs the pass with `isa`, writing the gradient into `grad_buffer` from element
+    /// `grad_start` on (NCHW); returns the loss sum's bits and the gradient's.
+    fn pass_bits(
+        logits: &ArrayD<f32>,
+        target: &ArrayD<i64>,
+        smoothing: f64,
+        isa: Isa,
+        grad_buffer: &mut [f32],
+        grad_start: usize,
+    ) -> (u64, Vec<u32>) {
+        let shape = logits.shape();
+        let classes = shape[1];
+        let weights: Vec<f32> = (0..classes).map(|c| 0.5 + c as f32 / 7.0).collect();
+        let len = logits.len();
+        let mut grad = ndarray::ArrayViewMutD::from_shape(
+            IxDyn(shape),
+            &mut grad_buffer[grad_start..grad_start + len],
+        )
+        .unwrap();
+        let (logits_source, logits_strides) = Source::new(&logits.view());
+        let (target_source, target_strides) = Source::new(&target.view());
+        let (grad_sink, grad_strides) = Sink::new(&mut grad);
+        let positions = |s: &[isize]| vec![s[0], s[2], s[3]];
+        let (logit_positions, grad_positions) =
+            (positions(&logits_strides), positions(&grad_strides));
+        let geometry = Geometry::new(
+            target.shape(),
+            [Some(&logit_positions), Some(&target_strides), Some(&grad_positions), None],
+        );
+        let pass = FusedPass {
+            geometry,
+            logits: logits_source,
+            logits_class_stride: logits_strides[1],
+            target: target_source,
+            grad: Some((grad_sink, grad_strides[1])),
+            losses: None,
+            upstream: Upstream::Uniform(0.25),
+            weights: &weights,
+            label_smoothing: smoothing,
+            ignore_index: -100,
+        };
+        let total = pass.run_with(isa).to_bits();
+        (total, grad_buffer[grad_start..grad_start + len].iter().map(|g| g.to_bits()).collect())
+    }
+
+    #[test]
+    fn every_build_and_every_alignment_give_the_same_bits() {
+        // 37 positions per row: tiles and chunks that end short, planes off cache lines.
+        for (shape, channels_last) in
+            [([2, 19, 5, 37], false), ([1, 3, 64, 96], false), ([2, 19, 5, 37], true)]
+        {
+            let (logits, target) = batch(shape, channels_last);
+            for smoothing in [0.0, 0.1] {
+                let mut buffer =
+                    Array1::<f32>::zeros(logits.len() + 64).into_raw_vec_and_offset().0;
+                let expected =
+                    pass_bits(&logits, &target, smoothing, Isa::Baseline, &mut buffer, 0);
+                for isa in Isa::available() {
+                    for start in [0, 1, 5, 16] {
+                        let got = pass_bits(&logits, &target, smoothing, isa, &mut buffer, start);
+                        let context =
+                            format!("{shape:?} last={channels_last} {smoothing} {isa:?} +{start}");
+                        assert_eq!(got.0, expected.0, "loss sum differs: {context}");
+                        assert!(got.1 == expected.1, "gradient differs: {context}");
+                    }
+                }
+            }
+        }
+    }
 }

@@ -13,10 +13,12 @@ mod cuda;
 mod dtype;
 mod error;
 pub mod ffi;
+mod isa;
 mod layout;
 mod loss;
 mod math;
 mod prevalence;
+mod simd;
 mod strided;
 mod weights;
 

@@ -5,6 +5,8 @@
 //! lifetime. Reads check the element offset against the view's extent. Writes cannot be checked
 //! that way for races, so they are `unsafe` with one contract: no two threads write one element.
 
+use crate::dtype::{Logit, Real};
+use crate::simd::{F32Lanes, LANES};
 use ndarray::{ArrayViewD, ArrayViewMutD};
 use std::any::TypeId;
 use std::marker::PhantomData;
@@ -73,21 +75,37 @@ impl<'a, T: Copy> Source<'a, T> {
 }
 
 impl<T> Source<'_, T> {
-    /// Asks the CPU to start loading the cache line of the element at `offset` (a hint: any
-    /// offset is allowed, nothing is read).
+    /// The address of the element at `offset` (nothing is read).
+    pub(crate) fn address(&self, offset: isize) -> usize {
+        self.ptr.wrapping_offset(offset) as usize
+    }
+
+    /// Asks the CPU to start loading the cache line of the element at `offset` into the L1
+    /// cache (a hint: any offset is allowed, nothing is read).
     #[inline(always)]
     pub(crate) fn prefetch(&self, offset: isize) {
         #[cfg(all(target_arch = "x86_64", not(miri)))]
-        {
-            let address = self.ptr.wrapping_offset(offset).cast::<i8>();
-            // SAFETY: a prefetch is a hint that never faults, whatever the address; SSE is
-            // part of every x86_64 CPU.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(address)
-            }
-        }
+        self.prefetch_with::<{ std::arch::x86_64::_MM_HINT_T0 }>(offset);
         #[cfg(any(not(target_arch = "x86_64"), miri))]
         let _ = offset;
+    }
+
+    /// As [`Source::prefetch`], into the L2 cache.
+    #[inline(always)]
+    pub(crate) fn prefetch_l2(&self, offset: isize) {
+        #[cfg(all(target_arch = "x86_64", not(miri)))]
+        self.prefetch_with::<{ std::arch::x86_64::_MM_HINT_T1 }>(offset);
+        #[cfg(any(not(target_arch = "x86_64"), miri))]
+        let _ = offset;
+    }
+
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
+    #[inline(always)]
+    fn prefetch_with<const HINT: i32>(&self, offset: isize) {
+        let address = self.ptr.wrapping_offset(offset).cast::<i8>();
+        // SAFETY: a prefetch is a hint that never faults, whatever the address; SSE is part of
+        // every x86_64 CPU.
+        unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(address) }
     }
 }
 
@@ -104,6 +122,13 @@ pub(crate) struct Sink<'a, T> {
 unsafe impl<T: Send> Send for Sink<'_, T> {}
 // SAFETY: as above.
 unsafe impl<T: Send> Sync for Sink<'_, T> {}
+
+impl<T> Sink<'_, T> {
+    /// The address of the element at `offset` (nothing is written).
+    pub(crate) fn address(&self, offset: isize) -> usize {
+        self.ptr.wrapping_offset(offset) as usize
+    }
+}
 
 impl<'a, T: Copy> Sink<'a, T> {
     /// Writes into `view`, whose elements ndarray guarantees not to overlap; returns it with its
@@ -183,6 +208,58 @@ impl<T: Copy + 'static> Sink<'_, T> {
         out.copy_from_slice(staging);
     }
 }
+
+impl<T: Logit> Source<'_, T> {
+    /// The `len <= LANES` elements from `offset` as float32 lanes, the rest 0. Panics if they
+    /// leave the view.
+    #[inline(always)]
+    pub(crate) fn read_lanes<V: F32Lanes>(&self, offset: isize, len: usize) -> V {
+        let run = self.slice(offset, len);
+        if len == LANES && TypeId::of::<T>() == TypeId::of::<f32>() {
+            // SAFETY: T is f32 and the run holds LANES of them.
+            return unsafe { V::load(run.as_ptr().cast::<f32>()) };
+        }
+        let mut lanes = [0.0f32; LANES];
+        for (lane, x) in lanes.iter_mut().zip(run) {
+            *lane = x.to_acc().to_f64() as f32;
+        }
+        V::from_array(&lanes)
+    }
+}
+
+impl<T: Logit> Sink<'_, T> {
+    /// Writes the first `len <= LANES` lanes of `values` to the consecutive elements at
+    /// `offset`. A whole vector of float32 that starts on a cache line goes out as
+    /// non-temporal stores, as in [`Sink::write_row`]; call [`fence`] before the pass ends.
+    /// Panics if they leave the view.
+    ///
+    /// # Safety
+    /// As [`Sink::slice_mut`]: no other reference to or write of those elements exists.
+    #[inline(always)]
+    pub(crate) unsafe fn write_lanes<V: F32Lanes>(&self, offset: isize, len: usize, values: V) {
+        // SAFETY: the caller's contract is slice_mut's.
+        let out = unsafe { self.slice_mut(offset, len) };
+        if len == LANES && TypeId::of::<T>() == TypeId::of::<f32>() {
+            let target = out.as_mut_ptr().cast::<f32>();
+            // SAFETY: T is f32 and the run holds LANES of them; streaming needs the alignment
+            // checked first.
+            unsafe {
+                if (target as usize).is_multiple_of(CACHE_LINE) {
+                    values.stream(target)
+                } else {
+                    values.store(target)
+                }
+            }
+            return;
+        }
+        for (slot, &value) in out.iter_mut().zip(&values.to_array()) {
+            *slot = T::from_acc(T::Acc::from_f64(value as f64));
+        }
+    }
+}
+
+/// Bytes of a cache line.
+pub(crate) const CACHE_LINE: usize = 64;
 
 /// Makes the non-temporal stores of [`Sink::write_row`] so far visible before later stores.
 #[inline(always)]
