@@ -191,8 +191,9 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         };
         let contiguous_rows = self.logits_class_stride == 1 && num_classes > ROW_KERNEL_MIN_CLASSES;
         let single_precision = TypeId::of::<T::Acc>() == TypeId::of::<f32>();
+        let short_rows = self.logits_class_stride == 1 && num_classes <= ROW_KERNEL_MIN_CLASSES;
         let kernel = if single_precision
-            && self.geometry.inner_stride(LOGITS) == 1
+            && (self.geometry.inner_stride(LOGITS) == 1 || short_rows)
             && num_classes <= TILE_KERNEL_MAX_CLASSES
         {
             Kernel::Tiles
@@ -437,6 +438,8 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         let zero = V::splat(0.0);
         let smoothing_on = self.label_smoothing != 0.0;
         let class_stride = self.logits_class_stride;
+        let position_stride = self.geometry.inner_stride(LOGITS);
+        let transposed = position_stride != 1;
         tile.resize(num_classes * TILE, 0.0);
         let (rows, _) = tile.as_chunks_mut::<TILE>();
         let size = std::mem::size_of::<T>();
@@ -456,7 +459,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
         while start < chunk.len {
             let len =
                 if start == 0 && first_len > 0 { first_len } else { TILE.min(chunk.len - start) };
-            let base = chunk.offsets[LOGITS] + start as isize;
+            let base = chunk.offsets[LOGITS] + start as isize * position_stride;
 
             // Each lane's class (exact in float32), row and weight; class -1, row 0 and weight 0
             // for an ignored position or a missing lane.
@@ -474,15 +477,32 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
             }
 
             let mut max = V::splat(f32::NEG_INFINITY);
-            for (c, row) in rows.iter_mut().enumerate() {
-                let plane = base + c as isize * class_stride;
-                for line in 0..lines_per_tile as isize {
-                    self.logits.prefetch(plane + near + line * per_line);
-                    self.logits.prefetch_l2(plane + far + line * per_line);
+            if transposed {
+                // Rows of few classes, contiguous: a tile is one run of memory, which the
+                // hardware prefetcher follows; it is transposed into the class-major buffer.
+                for row in rows.iter_mut() {
+                    row[len..].fill(0.0);
                 }
-                let x: V = self.logits.read_lanes(plane, len);
-                *row = x.to_array();
-                max = max.larger(x);
+                for i in 0..len {
+                    let offset = base + i as isize * position_stride;
+                    for (row, x) in rows.iter_mut().zip(self.logits.slice(offset, num_classes)) {
+                        row[i] = x.to_acc().to_f64() as f32;
+                    }
+                }
+                for row in rows.iter() {
+                    max = max.larger(V::from_array(row));
+                }
+            } else {
+                for (c, row) in rows.iter_mut().enumerate() {
+                    let plane = base + c as isize * class_stride;
+                    for line in 0..lines_per_tile as isize {
+                        self.logits.prefetch(plane + near + line * per_line);
+                        self.logits.prefetch_l2(plane + far + line * per_line);
+                    }
+                    let x: V = self.logits.read_lanes(plane, len);
+                    *row = x.to_array();
+                    max = max.larger(x);
+                }
             }
             let target_logit: [f32; TILE] = std::array::from_fn(|i| rows[target_row[i]][i]);
             let class_lanes = V::from_array(&class);
@@ -539,7 +559,9 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
 
                 let grad_position_stride = self.geometry.inner_stride(GRAD);
                 let grad_base = chunk.offsets[GRAD] + start as isize * grad_position_stride;
-                for (c, (row, &w)) in rows.iter().zip(self.weights).enumerate() {
+                // Rows of few classes, contiguous, are written back transposed from the buffer.
+                let rows_out = *grad_class_stride == 1 && grad_position_stride != 1;
+                for (c, (row, &w)) in rows.iter_mut().zip(self.weights).enumerate() {
                     let mut g = V::from_array(row).mul(scale);
                     if smoothing_on {
                         g = g.sub(smoothing.mul(V::splat(w)));
@@ -547,7 +569,9 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
                     let target = class_lanes.equal(V::splat(c as f32));
                     g = V::select(target, g.sub(target_term), g);
                     let offset = grad_base + c as isize * grad_class_stride;
-                    if grad_position_stride == 1 {
+                    if rows_out {
+                        *row = g.to_array();
+                    } else if grad_position_stride == 1 {
                         // SAFETY: these positions belong to this chunk alone and the gradient
                         // tensor does not overlap itself.
                         unsafe { grad.write_lanes(offset, len, g) }
@@ -556,6 +580,16 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
                             let value = T::from_acc(T::Acc::from_f64(value as f64));
                             // SAFETY: as above, one element at a time.
                             unsafe { grad.put(offset + i as isize * grad_position_stride, value) }
+                        }
+                    }
+                }
+                if rows_out {
+                    for i in 0..len {
+                        let offset = grad_base + i as isize * grad_position_stride;
+                        // SAFETY: as above; position i's row is this tile's alone.
+                        let out = unsafe { grad.slice_mut(offset, num_classes) };
+                        for (g, row) in out.iter_mut().zip(rows.iter()) {
+                            *g = T::from_acc(T::Acc::from_f64(row[i] as f64));
                         }
                     }
                 }
@@ -574,7 +608,10 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
             Some((grad, _)) if self.geometry.inner_stride(GRAD) == 1 => {
                 grad.address(chunk.offsets[GRAD])
             }
-            _ => self.logits.address(chunk.offsets[LOGITS]),
+            _ if self.geometry.inner_stride(LOGITS) == 1 => {
+                self.logits.address(chunk.offsets[LOGITS])
+            }
+            _ => return 0,
         };
         if address % size != 0 {
             return 0;
@@ -1027,7 +1064,7 @@ fn exp_shifted_in_place<A: Real>(values: &mut [A], max: A) -> A {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::{Array1, ArrayD, IxDyn, ShapeBuilder};
+    use ndarray::{ArrayD, IxDyn, ShapeBuilder};
 
     /// Logits (N, C, H, W), NCHW or channels-last in memory, labels with some ignored.
     fn batch(shape: [usize; 4], channels_last: bool) -> (ArrayD<f32>, ArrayD<i64>) {
@@ -1041,11 +1078,13 @@ mod tests {
         };
         let values: Vec<f32> =
             (0..n * c * h * w).map(|_| (next() % 20_000) as f32 / 1000.0 - 10.0).collect();
+        let nchw = ArrayD::from_shape_vec(IxDyn(&shape), values).unwrap();
         let logits = if channels_last {
-            let strides = IxDyn(&[h * w * c, 1, w * c, c]);
-            ArrayD::from_shape_vec(IxDyn(&shape).strides(strides), values).unwrap()
+            // The same logical values, stored NHWC.
+            let nhwc = nchw.permuted_axes(IxDyn(&[0, 2, 3, 1])).as_standard_layout().into_owned();
+            nhwc.permuted_axes(IxDyn(&[0, 3, 1, 2]))
         } else {
-            ArrayD::from_shape_vec(IxDyn(&shape), values).unwrap()
+            nchw
         };
         let labels = (0..n * h * w)
             .map(|_| match next() % 23 {
@@ -1057,24 +1096,27 @@ mod tests {
     }
 
     /// Runs the pass with `isa`, writing the gradient into `grad_buffer` from element
-    /// `grad_start` on (NCHW); returns the loss sum's bits and the gradient's.
+    /// `grad_start` on, NCHW or channels-last; returns the loss sum's bits and the gradient's
+    /// in logical (NCHW) order.
     fn pass_bits(
         logits: &ArrayD<f32>,
         target: &ArrayD<i64>,
         smoothing: f64,
         isa: Isa,
         grad_buffer: &mut [f32],
-        grad_start: usize,
+        (grad_start, grad_channels_last): (usize, bool),
     ) -> (u64, Vec<u32>) {
         let shape = logits.shape();
-        let classes = shape[1];
+        let [_, classes, h, w] = shape.try_into().unwrap();
         let weights: Vec<f32> = (0..classes).map(|c| 0.5 + c as f32 / 7.0).collect();
         let len = logits.len();
-        let mut grad = ndarray::ArrayViewMutD::from_shape(
-            IxDyn(shape),
-            &mut grad_buffer[grad_start..grad_start + len],
-        )
-        .unwrap();
+        let memory = &mut grad_buffer[grad_start..grad_start + len];
+        let mut grad = if grad_channels_last {
+            let strides = IxDyn(&[h * w * classes, 1, w * classes, classes]);
+            ndarray::ArrayViewMutD::from_shape(IxDyn(shape).strides(strides), memory).unwrap()
+        } else {
+            ndarray::ArrayViewMutD::from_shape(IxDyn(shape), memory).unwrap()
+        };
         let (logits_source, logits_strides) = Source::new(&logits.view());
         let (target_source, target_strides) = Source::new(&target.view());
         let (grad_sink, grad_strides) = Sink::new(&mut grad);
@@ -1098,28 +1140,41 @@ mod tests {
             ignore_index: -100,
         };
         let total = pass.run_with(isa).to_bits();
-        (total, grad_buffer[grad_start..grad_start + len].iter().map(|g| g.to_bits()).collect())
+        (total, grad.iter().map(|g| g.to_bits()).collect())
     }
 
     #[test]
-    fn every_build_and_every_alignment_give_the_same_bits() {
-        // 37 positions per row: tiles and chunks that end short, planes off cache lines.
-        for (shape, channels_last) in
-            [([2, 19, 5, 37], false), ([1, 3, 64, 96], false), ([2, 19, 5, 37], true)]
-        {
-            let (logits, target) = batch(shape, channels_last);
+    fn every_build_layout_and_alignment_gives_the_same_bits() {
+        // 37 positions per row: tiles and chunks that end short, planes off cache lines. With
+        // 70 classes, channels-last rows are long enough for the row kernel, whose sums are
+        // ordered differently: there only builds and alignments must agree.
+        for shape in [[2, 19, 5, 37], [1, 3, 64, 96], [3, 70, 2, 9]] {
+            let same_kernel = shape[1] <= ROW_KERNEL_MIN_CLASSES;
             for smoothing in [0.0, 0.1] {
-                let mut buffer =
-                    Array1::<f32>::zeros(logits.len() + 64).into_raw_vec_and_offset().0;
-                let expected =
-                    pass_bits(&logits, &target, smoothing, Isa::Baseline, &mut buffer, 0);
+                let (nchw, target) = batch(shape, false);
+                let (channels_last, _) = batch(shape, true);
+                assert_eq!(channels_last, nchw, "the same logits in another layout");
+                let mut buffer = vec![0.0f32; nchw.len() + 64];
+                let baseline = |logits: &ArrayD<f32>, buffer: &mut [f32]| {
+                    pass_bits(logits, &target, smoothing, Isa::Baseline, buffer, (0, false))
+                };
+                let planar = baseline(&nchw, &mut buffer);
+                let transposed = baseline(&channels_last, &mut buffer);
+                if same_kernel {
+                    assert!(planar == transposed, "{shape:?}: layouts differ");
+                }
                 for isa in Isa::available() {
-                    for start in [0, 1, 5, 16] {
-                        let got = pass_bits(&logits, &target, smoothing, isa, &mut buffer, start);
-                        let context =
-                            format!("{shape:?} last={channels_last} {smoothing} {isa:?} +{start}");
-                        assert_eq!(got.0, expected.0, "loss sum differs: {context}");
-                        assert!(got.1 == expected.1, "gradient differs: {context}");
+                    for (logits, expected) in [(&nchw, &planar), (&channels_last, &transposed)] {
+                        for grad in [(0, false), (1, false), (5, false), (16, false), (3, true)] {
+                            let got = pass_bits(logits, &target, smoothing, isa, &mut buffer, grad);
+                            let context = format!(
+                                "{shape:?} smoothing {smoothing} {isa:?} logits strides \
+                                 {:?} gradient {grad:?}",
+                                logits.strides()
+                            );
+                            assert_eq!(got.0, expected.0, "loss sum differs: {context}");
+                            assert!(got.1 == expected.1, "gradient differs: {context}");
+                        }
                     }
                 }
             }
