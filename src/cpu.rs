@@ -488,7 +488,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
                 for i in 0..len {
                     let offset = base + i as isize * position_stride;
                     for (row, x) in rows.iter_mut().zip(self.logits.slice(offset, num_classes)) {
-                        row[i] = x.to_acc().to_f64() as f32;
+                        row[i] = strided::to_single(*x);
                     }
                 }
                 for row in rows.iter() {
@@ -579,7 +579,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
                         unsafe { grad.write_lanes(offset, len, g) }
                     } else {
                         for (i, &value) in g.to_array()[..len].iter().enumerate() {
-                            let value = T::from_acc(T::Acc::from_f64(value as f64));
+                            let value = strided::from_single::<T>(value);
                             // SAFETY: as above, one element at a time.
                             unsafe { grad.put(offset + i as isize * grad_position_stride, value) }
                         }
@@ -591,7 +591,7 @@ impl<'a, T: Logit, L: Label> FusedPass<'a, T, L> {
                         // SAFETY: as above; position i's row is this tile's alone.
                         let out = unsafe { grad.slice_mut(offset, num_classes) };
                         for (g, row) in out.iter_mut().zip(rows.iter()) {
-                            *g = T::from_acc(T::Acc::from_f64(row[i] as f64));
+                            *g = strided::from_single(row[i]);
                         }
                     }
                 }

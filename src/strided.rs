@@ -209,6 +209,18 @@ impl<T: Copy + 'static> Sink<'_, T> {
     }
 }
 
+/// A logit in float32, the precision of the lane kernels (exact for every type but float64).
+#[inline(always)]
+pub(crate) fn to_single<T: Logit>(x: T) -> f32 {
+    x.to_acc().to_f64() as f32
+}
+
+/// A float32 result in the logits' type.
+#[inline(always)]
+pub(crate) fn from_single<T: Logit>(x: f32) -> T {
+    T::from_acc(T::Acc::from_f64(x as f64))
+}
+
 impl<T: Logit> Source<'_, T> {
     /// The `len <= LANES` elements from `offset` as float32 lanes, the rest 0. Panics if they
     /// leave the view.
@@ -221,7 +233,7 @@ impl<T: Logit> Source<'_, T> {
         }
         let mut lanes = [0.0f32; LANES];
         for (lane, x) in lanes.iter_mut().zip(run) {
-            *lane = x.to_acc().to_f64() as f32;
+            *lane = to_single(*x);
         }
         V::from_array(&lanes)
     }
@@ -253,7 +265,7 @@ impl<T: Logit> Sink<'_, T> {
             return;
         }
         for (slot, &value) in out.iter_mut().zip(&values.to_array()) {
-            *slot = T::from_acc(T::Acc::from_f64(value as f64));
+            *slot = from_single(value);
         }
     }
 }
